@@ -1,0 +1,253 @@
+"""Configuration: dataclasses with working defaults, YAML overrides, CLI overrides.
+
+Precedence is ``defaults < YAML file < command line``. Every run saves its resolved config next to
+its outputs (``save_config``) so a result can always be traced back to the settings that made it.
+
+A YAML file mirrors the dataclass tree::
+
+    seed: 3
+    data: {grid: 2mm, clip_len: 20}
+    train: {steps: 2000, batch_size: 8}
+
+and a command-line override is a dotted path: ``train.steps=2000``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fmrisynth.errors import FmrisynthError
+
+
+@dataclass
+class SimConfig:
+    """The embedded simulator (``fmrisynth simulate``): an HCP-layout dataset with ground truth."""
+
+    subjects: int = 10
+    tasks: str = "hcp7"  # "hcp7": the 7 paradigms; "all" is the same paradigms with all 24 EVs kept
+    grid: str = "6mm"
+    runs: tuple[str, ...] = ("LR", "RL")
+    task_amplitude: float = 1.0  # scales the real HCP betas (percent signal change units)
+    thermal_sd: float = 0.6  # white noise, in percent of baseline
+    spikes: bool = False  # motion-like spikes
+
+
+@dataclass
+class DataConfig:
+    """Preprocessing of runs into labelled clips (``fmrisynth prepare``)."""
+
+    grid: str = "6mm"  # "2mm" (MNI 96x112x96), "6mm" (demo, 32x40x32) or "<mm>mm:<D>x<H>x<W>"
+    clip_len: int = 20  # frames per clip (T)
+    conditions: str = "hcp7"  # "hcp7", "hcp24" or "all" (every condition found in the events)
+    normalise: str = "zscore"  # voxelwise, per run: "zscore", "psc" (percent signal change) or "none"
+    strategy: str = "block"  # "block": clips aligned to block onsets
+    jitter_frames: int = 2  # the block onset falls uniformly in frames [0, jitter] of the clip
+    rest_clips: bool = False  # also cut clips from fixation periods, labelled "rest"
+    split: tuple[float, float, float] = (0.6, 0.2, 0.2)  # train/val/test fractions of *subjects*
+    mask: str | None = None  # a NIfTI brain mask; default: nilearn's MNI152 mask on the grid
+
+
+@dataclass
+class VQGANConfig:
+    """Stage 1 architecture and loss (``fmrisynth train-vae``)."""
+
+    preset: str = "tiny"
+    latent_channels: int = 4
+    downsample: int = 4  # 4 (default) or 8, per axis
+    codebook_size: int = 512
+    commitment: float = 0.25
+    l2_weight: float = 0.0
+    adv_weight: float = 0.1
+    disc_start: int = 500  # generator steps before the adversarial loss is switched on
+
+
+@dataclass
+class ModelConfig:
+    """Stage 2 backbone: ``ours`` (hierarchical CNN-Transformer) or ``monai-unet`` (the baseline)."""
+
+    backbone: str = "ours"
+    preset: str = "tiny"
+    variant: str = "hybrid"  # ablations: hybrid | all-cnn | all-transformer | adaln-only | xattn-only
+
+
+@dataclass
+class DiffusionConfig:
+    """Noise schedule, objective and sampler (reference: DDPM, eps, linear 0.0015->0.0195, 1000)."""
+
+    prediction: str = "eps"  # "eps" or "v"
+    schedule: str = "linear"  # "linear" or "cosine"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    num_steps: int = 1000
+    cond_drop: float = 0.05  # probability of the null condition during training (for CFG)
+    guidance: float = 2.0
+    sampler: str = "ddim"  # "ddpm" or "ddim"
+    sample_steps: int = 50
+
+
+@dataclass
+class TrainConfig:
+    """The one training loop shared by both stages."""
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.9999
+    amp: str = "auto"  # "auto" (bf16 on CUDA, off on CPU), "bf16" or "off"
+    log_every: int = 10
+    ckpt_every: int = 500
+    keep_ckpts: int = 2
+    num_workers: int = 0
+    max_minutes: float | None = None  # wall-clock budget; training stops cleanly when it runs out
+
+
+@dataclass
+class EvalConfig:
+    """The evaluation protocol of DESIGN.md."""
+
+    hrf: str = "glover"  # "glover" or "spm"
+    drift_order: int = 1
+    roi_fraction: float = 0.05
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    sim: SimConfig = field(default_factory=SimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    vae: VQGANConfig = field(default_factory=VQGANConfig)
+    vae_train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(steps=1500, batch_size=16, lr=2e-4, ema_decay=0.0)
+    )
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML/CLI value to the annotated field type, or raise a one-line error."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except FmrisynthError:
+                continue
+        raise FmrisynthError(f"config {where}: cannot read {value!r} as {tp}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise FmrisynthError(f"config {where}: expected a mapping, got {value!r}")
+        return _from_dict(tp, value, where)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        args = typing.get_args(tp)
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise FmrisynthError(f"config {where}: expected {len(item_types)} values, got {value!r}")
+        return tuple(_coerce(v, t, where) for v, t in zip(value, item_types))
+    try:
+        if tp is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if tp in (int, float, str):
+            if tp is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return tp(value)
+    except (TypeError, ValueError):
+        raise FmrisynthError(f"config {where}: cannot read {value!r} as {tp.__name__}") from None
+    return value
+
+
+def _from_dict(cls: type, values: dict, where: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise FmrisynthError(
+            f"config {where or 'top level'}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}".lstrip(".")) for k, v in values.items()}
+    base = cls()
+    return dataclasses.replace(base, **kwargs) if kwargs else base
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as plain YAML-able Python (tuples become lists)."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
+    """Build the resolved config: defaults, then the YAML file, then ``key.sub=value`` overrides."""
+    tree = to_dict(Config())
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FmrisynthError("config file not found", path)
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise FmrisynthError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+        if not isinstance(loaded, dict):
+            raise FmrisynthError("expected a YAML mapping at the top level", path)
+        tree = _merge(tree, loaded)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise FmrisynthError(f"override {item!r} is not of the form key.sub=value")
+        node = tree
+        *parents, leaf = key.split(".")
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise FmrisynthError(f"override {item!r}: unknown section {p!r}")
+            node = node[p]
+        node[leaf] = yaml.safe_load(value) if value else value
+    return _from_dict(Config, tree)
+
+
+def save_config(cfg: Config, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+    return path
