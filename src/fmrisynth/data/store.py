@@ -4,7 +4,7 @@ Layout of a store directory (also used for cached VQ-GAN latents, with ``kind: l
 
     store.json     kind, item_shape, n, dtype, grid, affine, conditions, the resolved config
     data.f16       raw little-endian float16 array of shape (n, *item_shape), C order (memory-mapped)
-    manifest.tsv   one row per clip: index, subject, task, run, pe, condition, label, onset_s, tr,
+    manifest.tsv   one row per clip: index, subject, task, run, pe, condition, label, onset_s, duration_s, tr,
                    start_frame, split, dataset, source
     mask.nii.gz    the brain mask on the grid (clip stores only)
 
@@ -26,7 +26,7 @@ import numpy as np
 from fmrisynth.errors import FmrisynthError
 
 MANIFEST_COLUMNS = [
-    "index", "subject", "task", "run", "pe", "condition", "label", "onset_s", "tr",
+    "index", "subject", "task", "run", "pe", "condition", "label", "onset_s", "duration_s", "tr",
     "start_frame", "split", "dataset", "source",
 ]  # fmt: skip
 DTYPE = np.dtype("<f2")
