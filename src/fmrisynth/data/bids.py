@@ -1,0 +1,122 @@
+"""Reader for BIDS datasets: ``sub-*/[ses-*/]func/*_task-*[_run-*]_bold.nii[.gz]``.
+
+Metadata follow the BIDS inheritance principle: a ``_bold.json`` or ``_events.tsv`` applies to
+a run when its entities are a subset of the run's, at the dataset level, the subject, the session
+or beside the run; JSON sidecars are merged from the top down (the deeper file wins) and the
+nearest events file is used. The TR is the sidecar's ``RepetitionTime``. A condition is
+``<task>:<trial_type>``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image
+from fmrisynth.errors import FmrisynthError
+
+ENTITY = re.compile(r"([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
+
+
+def entities(path: Path) -> tuple[dict[str, str], str]:
+    """``sub-1_task-x_run-01_bold.nii.gz`` -> ({sub: 1, task: x, run: 01}, "bold")."""
+    name = path.name.split(".")[0]
+    *parts, suffix = name.split("_")
+    return dict(m.groups() for p in parts if (m := ENTITY.fullmatch(p))), suffix
+
+
+def inherited(bold: Path, root: Path, suffix: str, ext: str) -> list[Path]:
+    """Files ``*_<suffix><ext>`` that apply to the run, from the dataset level down to the run's folder."""
+    run_entities = entities(bold)[0]
+    found = []
+    level = root
+    for part in ("", *bold.relative_to(root).parts[:-1]):
+        level = level / part
+        candidates = []
+        for f in level.glob(f"*_{suffix}{ext}"):
+            ents, sfx = entities(f)
+            if sfx == suffix and ents.items() <= run_entities.items():
+                candidates.append((len(ents), f))
+        found += [f for _, f in sorted(candidates)]
+    return found
+
+
+def read_events(path: Path, task: str) -> Events:
+    """A BIDS events.tsv -> {"<task>:<trial_type>": [(onset_s, duration_s)]}; 'n/a' trial types are skipped."""
+    import pandas as pd
+
+    try:
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise FmrisynthError(f"unreadable events file ({e})", path) from None
+    missing = {"onset", "duration", "trial_type"} - set(table.columns)
+    if missing:
+        raise FmrisynthError(f"events file lacks column(s) {', '.join(sorted(missing))}", path)
+    events: Events = {}
+    for row in table.itertuples(index=False):
+        if pd.isna(row.trial_type):
+            continue
+        try:
+            item = (float(row.onset), float(row.duration))
+        except (TypeError, ValueError):
+            raise FmrisynthError(f"onset {row.onset!r} / duration {row.duration!r} is not a number", path) from None
+        events.setdefault(f"{task}:{row.trial_type}", []).append(item)
+    return events
+
+
+def read_sidecar(bold: Path, root: Path) -> dict:
+    """The run's metadata: every applicable ``_bold.json`` merged, deeper files overriding."""
+    meta: dict = {}
+    for f in inherited(bold, root, "bold", ".json"):
+        try:
+            meta.update(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise FmrisynthError(f"unreadable sidecar JSON ({e})", f) from None
+    return meta
+
+
+def find_runs(root: Path) -> list[Run]:
+    """Every BOLD run with events under ``root``, validated from headers only.
+
+    Runs without an events file (resting state) carry no labels and are skipped with a warning.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise FmrisynthError("dataset root not found", root)
+    bolds = sorted(
+        p for pattern in ("sub-*/func/*_bold.nii*", "sub-*/ses-*/func/*_bold.nii*") for p in root.glob(pattern)
+    )
+    runs = []
+    for bold in bolds:
+        ents, _ = entities(bold)
+        if "sub" not in ents or "task" not in ents:
+            continue
+        events_files = inherited(bold, root, "events", ".tsv")
+        if not events_files:
+            warnings.warn(f"{bold}: no events file, run skipped", stacklevel=2)
+            continue
+        img = open_image(bold)
+        tr = check_tr(read_sidecar(bold, root).get("RepetitionTime"), img, bold, "sidecar RepetitionTime")
+        events = read_events(events_files[-1], ents["task"])
+        check_events(events, img.shape[3], tr, events_files[-1])
+        run_label = "_".join(f"{k}-{v}" for k, v in ents.items() if k not in ("sub", "task")) or "1"
+        runs.append(
+            Run(
+                path=bold,
+                dataset=root.resolve().name,
+                subject=ents["sub"],
+                task=ents["task"],
+                run=run_label,
+                pe=ents.get("dir", ""),
+                tr=tr,
+                shape=tuple(img.shape),
+                affine=img.affine,
+                events=events,
+                events_path=events_files[-1],
+            )
+        )
+    if not runs:
+        raise FmrisynthError("no BOLD runs with events found (expected sub-*/[ses-*/]func/*_task-*_bold.nii.gz)", root)
+    return runs
