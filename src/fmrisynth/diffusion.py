@@ -1,0 +1,150 @@
+"""Gaussian diffusion on latent clips: noise schedule, training loss, DDPM/DDIM sampling, guidance.
+
+The diffusion object owns everything about noise, so a denoiser is only a function
+``model(x_t, t, label, design) -> eps or v`` (either backbone). Conventions follow DDPM (Ho et al.,
+2020) and DDIM (Song et al., 2021) as implemented by MONAI's schedulers, which the tests compare
+against step by step:
+
+* one update rule serves both samplers: DDIM's, with eta = 0 (deterministic DDIM) or eta = 1
+  (ancestral DDPM with the "fixed small" posterior variance; over all 1000 steps it is exactly
+  MONAI's DDPM step, over fewer it is the strided ancestral sampler);
+* sampling timesteps are ``linspace(num_steps - 1, 0, steps)`` rounded, as MONAI's DDIM;
+* nothing is clipped: latents are normalised to unit variance, not to [-1, 1].
+
+Classifier-free guidance (Ho & Salimans, 2022): training replaces the condition by the null one
+(label ``null_label``, an all-zero design) with probability ``cond_drop``; sampling mixes the two
+predictions, ``uncond + guidance * (cond - uncond)`` (guidance 1 = the conditional model alone).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from fmrisynth.config import DiffusionConfig
+from fmrisynth.errors import FmrisynthError
+
+SAMPLERS = {"ddim": 0.0, "ddpm": 1.0}  # sampler -> eta
+
+
+def make_betas(cfg: DiffusionConfig) -> torch.Tensor:
+    """The noise schedule beta_t, t = 0 .. num_steps - 1, in float64."""
+    n = cfg.num_steps
+    if cfg.schedule == "linear":
+        return torch.linspace(cfg.beta_start, cfg.beta_end, n, dtype=torch.float64)
+    if cfg.schedule == "scaled-linear":
+        return torch.linspace(cfg.beta_start**0.5, cfg.beta_end**0.5, n, dtype=torch.float64) ** 2
+    if cfg.schedule == "cosine":  # Nichol & Dhariwal (2021), s = 0.008, betas capped at 0.999
+        x = torch.linspace(0, n, n + 1, dtype=torch.float64)
+        alpha_bar = torch.cos((x / n + 0.008) / 1.008 * math.pi / 2) ** 2
+        return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(0, 0.999)
+    raise FmrisynthError(f"unknown noise schedule {cfg.schedule!r}; choose linear, scaled-linear or cosine")
+
+
+class Diffusion:
+    """Forward noising, the training loss and the samplers for one schedule.
+
+    Args:
+        cfg: the schedule, the prediction target ("eps" or "v") and ``cond_drop``.
+        null_label: the label meaning "no condition" (the denoiser's ``n_classes``).
+    """
+
+    def __init__(self, cfg: DiffusionConfig, null_label: int):
+        if cfg.prediction not in ("eps", "v"):
+            raise FmrisynthError(f"unknown prediction target {cfg.prediction!r}; choose eps or v")
+        self.cfg, self.null_label = cfg, null_label
+        self.num_steps = cfg.num_steps
+        self.alpha_bar = torch.cumprod(1 - make_betas(cfg), dim=0)  # (num_steps,) float64
+
+    def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over ``like`` (B, ...)."""
+        a = self.alpha_bar.to(like.device)[t].to(like.dtype).reshape(-1, *[1] * (like.ndim - 1))  # (B, 1, ...)
+        return a.sqrt(), (1 - a).sqrt()
+
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) noise."""
+        a, s = self._coefs(t, x0)
+        return a * x0 + s * noise
+
+    def drop_condition(self, label: torch.Tensor, design: torch.Tensor, drop: torch.Tensor):
+        """Replace the condition of the samples where ``drop`` (B,) is true by the null condition."""
+        return torch.where(drop, torch.full_like(label, self.null_label), label), design * ~drop[:, None]
+
+    def loss(self, model, x0: torch.Tensor, label: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
+        """Mean squared error of the eps/v prediction at uniformly drawn timesteps.
+
+        x0 (B, T*c, d, h, w) normalised latents, label (B,), design (B, T).
+        """
+        b = x0.shape[0]
+        t = torch.randint(0, self.num_steps, (b,), device=x0.device)  # (B,)
+        noise = torch.randn_like(x0)  # (B, T*c, d, h, w)
+        label, design = self.drop_condition(label, design, torch.rand(b, device=x0.device) < self.cfg.cond_drop)
+        out = model(self.q_sample(x0, t, noise), t, label, design)  # (B, T*c, d, h, w)
+        if self.cfg.prediction == "eps":
+            target = noise
+        else:
+            a, s = self._coefs(t, x0)
+            target = a * noise - s * x0  # v = sqrt(a) eps - sqrt(1 - a) x0
+        return F.mse_loss(out.float(), target.float())
+
+    def predict(self, model, x: torch.Tensor, t: int, label: torch.Tensor, design: torch.Tensor, guidance: float):
+        """The model's output at timestep ``t``, mixed with the unconditional one by ``guidance``."""
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
+        if guidance == 1.0:
+            return model(x, tt, label, design)  # (B, T*c, d, h, w)
+        null_label, null_design = self.drop_condition(label, design, torch.ones_like(label, dtype=torch.bool))
+        out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([label, null_label]),
+                    torch.cat([design, null_design]))  # fmt: skip  # (2B, T*c, d, h, w)
+        cond, uncond = out.chunk(2)  # 2 x (B, T*c, d, h, w)
+        return uncond + guidance * (cond - uncond)
+
+    def step(self, out: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, eta: float,
+             noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """One reverse step from timestep ``t`` to ``t_prev`` (-1: to the clean sample).
+
+        DDIM's update (eq. 12 of Song et al.) with sigma = eta * sqrt of the DDPM posterior variance.
+        Returns (x_{t_prev}, predicted x0); ``noise`` is needed when eta > 0.
+        """
+        a = float(self.alpha_bar[t])
+        a_prev = float(self.alpha_bar[t_prev]) if t_prev >= 0 else 1.0
+        if self.cfg.prediction == "eps":
+            eps = out
+            x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        else:
+            x0 = math.sqrt(a) * x - math.sqrt(1 - a) * out
+            eps = math.sqrt(a) * out + math.sqrt(1 - a) * x
+        sigma = eta * math.sqrt((1 - a_prev) / (1 - a) * (1 - a / a_prev))
+        x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+        if sigma > 0:
+            x_prev = x_prev + sigma * noise
+        return x_prev, x0
+
+    def timesteps(self, steps: int) -> list[int]:
+        """The ``steps`` timesteps a sampler visits, from noisiest to cleanest (MONAI DDIM's spacing)."""
+        if not 1 <= steps <= self.num_steps:
+            raise FmrisynthError(f"sampling steps must be between 1 and {self.num_steps}, got {steps}")
+        return torch.linspace(self.num_steps - 1, 0, steps).round().long().tolist()
+
+    @torch.no_grad()
+    def sample(self, model, label: torch.Tensor, design: torch.Tensor, shape: tuple[int, ...], steps: int = 50,
+               sampler: str = "ddim", guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:  # fmt: skip
+        """Generate normalised latents (B, *shape) for labels (B,) and designs (B, T).
+
+        All randomness comes from ``generator`` (a CPU generator: the same seed gives the same
+        samples on any device).
+        """
+        if sampler not in SAMPLERS:
+            raise FmrisynthError(f"unknown sampler {sampler!r}; choose {' or '.join(SAMPLERS)}")
+        eta, device = SAMPLERS[sampler], label.device
+
+        def randn() -> torch.Tensor:
+            return torch.randn(label.shape[0], *shape, generator=generator).to(device)  # (B, T*c, d, h, w)
+
+        x = randn()
+        ts = self.timesteps(steps)
+        for t, t_prev in zip(ts, ts[1:] + [-1]):
+            out = self.predict(model, x, t, label, design, guidance).float()  # (B, T*c, d, h, w)
+            x, _ = self.step(out, t, t_prev, x, eta, randn() if eta > 0 and t_prev >= 0 else None)
+        return x

@@ -1,0 +1,149 @@
+"""Named model sizes, one builder for either backbone, and the numbers that compare them.
+
+Every size of ours is one family, scaled by width alone so that a scaling study varies one thing:
+a U-Net with FiLM conv blocks at the latent's full resolution and AdaLN-Zero + cross-attention
+transformer stages at 1/2 and 1/4 of it, widths (m, 2m, 2m), depths (2, 4, 6). ``m = 64 k`` for
+k = 2..7 gives the reference scaling grid at the 2 mm latent (T=20, c=4, 24x28x24): 38.1, 85.4,
+151.5, 236.5, 340.3 and 462.9 M parameters, each within 1%. The ``s0.3m`` .. ``s20m`` sizes are the
+same family at CPU scale, listed at the demo latent (T=20, c=4, 8x10x8).
+
+Parameter counts depend on T, c and the number of conditions (a few thousand parameters), never on
+the spatial size: positions are a fixed sine-cosine embedding. An ablation is a ``variant``; to
+compare variants at equal size, use the param-matched entries ``s237m-<variant>`` (their widths are
+re-chosen so that each stays within 5% of 236.5M), or add an entry the same way::
+
+    PRESETS["s85m-all-cnn"] = Preset("2mm", family(m=92, variant="all-cnn"))  # check: fmrisynth presets
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import NamedTuple
+
+from fmrisynth.config import ModelConfig
+from fmrisynth.errors import FmrisynthError
+
+# (T, c, d, h, w) of a latent clip: 20 frames, 4 latent channels, the grid divided by 4.
+LATENT_SHAPES = {"6mm": (20, 4, 8, 10, 8), "2mm": (20, 4, 24, 28, 24)}
+N_CLASSES = 7  # hcp7: the count at which `fmrisynth presets` lists parameters
+
+
+class Preset(NamedTuple):
+    """Backbone keyword arguments, and the grid whose latent size the preset is meant for."""
+
+    grid: str
+    arch: dict
+
+
+def family(m: int, head_dim: int = 64, **overrides) -> dict:
+    """The one architecture family of ours at base width ``m`` (see the module docstring)."""
+    arch = dict(widths=(m, 2 * m, 2 * m), depths=(2, 4, 6), kinds=("conv", "attn", "attn"), head_dim=head_dim)
+    return {**arch, **overrides}
+
+
+PRESETS: dict[str, Preset] = {
+    # trains on 2 CPU cores in minutes at the demo latent: one block per level, two heads
+    "tiny": Preset("6mm", family(16, head_dim=16, depths=(1, 1, 2))),
+    **{f"s{name}m": Preset("6mm", family(m, head_dim=hd))
+       for name, m, hd in [("0.3", 10, 10), ("1", 20, 20), ("3", 36, 36), ("10", 64, 32), ("20", 92, 46)]},
+    **{f"s{name}m": Preset("2mm", family(64 * k)) for k, name in enumerate(["38", "85", "152", "237", "340", "463"], 2)},
+    # the ablations at the size of the reference's baseline, each re-widened to ~236.5M parameters
+    "s237m-all-cnn": Preset("2mm", family(248, variant="all-cnn")),
+    "s237m-all-transformer": Preset("2mm", family(320, variant="all-transformer", patch=(2, 1, 1))),
+    "s237m-adaln-only": Preset("2mm", family(352, variant="adaln-only")),
+    "s237m-xattn-only": Preset("2mm", family(384, variant="xattn-only")),
+}  # fmt: skip
+
+
+def _baseline_presets() -> dict:
+    from fmrisynth.models.baseline import BASELINE_PRESETS
+
+    return BASELINE_PRESETS
+
+
+def build_denoiser(model_cfg: ModelConfig, latent_shape: tuple[int, ...], n_classes: int):
+    """The denoiser named by ``model_cfg`` for latent clips of ``latent_shape`` = (T, c, d, h, w).
+
+    Either backbone answers ``forward(x (B, T*c, d, h, w), t (B,), label (B,), design (B, T))``
+    with a prediction of the shape of ``x``.
+    """
+    frames, channels = int(latent_shape[0]), int(latent_shape[1])
+    if model_cfg.backbone == "monai-unet":
+        from fmrisynth.models.baseline import build_baseline
+
+        if model_cfg.preset not in _baseline_presets():
+            raise FmrisynthError(f"unknown monai-unet preset {model_cfg.preset!r}; choose one of {', '.join(_baseline_presets())}")
+        if model_cfg.variant not in (None, "hybrid"):
+            raise FmrisynthError(f"variant {model_cfg.variant!r} applies to backbone 'ours' only")
+        return build_baseline(model_cfg.preset, tuple(latent_shape), n_classes)
+    if model_cfg.backbone != "ours":
+        raise FmrisynthError(f"unknown backbone {model_cfg.backbone!r}; choose ours or monai-unet")
+    if model_cfg.preset not in PRESETS:
+        raise FmrisynthError(f"unknown preset {model_cfg.preset!r}; choose one of {', '.join(PRESETS)}")
+    from fmrisynth.models.backbone import VARIANTS, Backbone
+
+    arch = dict(PRESETS[model_cfg.preset].arch)
+    if model_cfg.variant is not None:
+        if model_cfg.variant not in VARIANTS:
+            raise FmrisynthError(f"unknown variant {model_cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
+        arch["variant"] = model_cfg.variant
+    return Backbone(frames, channels, n_classes, **arch)
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def gflops(model, latent_shape: tuple[int, ...], batch: int = 1) -> float:
+    """GFLOPs of one forward pass per latent clip (a multiply-add counts 2), via FlopCounterMode.
+
+    The pass runs on meta tensors standing in for the weights, so it costs no compute or memory even
+    for the largest preset, and attention is counted (PyTorch's CPU attention kernel is not).
+    """
+    import torch
+    from torch.func import functional_call
+    from torch.utils.flop_counter import FlopCounterMode
+
+    frames, channels, *spatial = latent_shape
+    meta = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    inputs = (
+        torch.zeros(batch, frames * channels, *spatial, device="meta"),  # x (B, T*c, d, h, w)
+        torch.zeros(batch, device="meta"),  # t (B,)
+        torch.zeros(batch, dtype=torch.long, device="meta"),  # label (B,)
+        torch.zeros(batch, frames, device="meta"),  # design (B, T)
+    )
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        functional_call(model, meta, inputs)
+    return counter.get_total_flops() / 1e9 / batch
+
+
+def describe(model_cfg: ModelConfig, latents: str | Path | tuple[int, ...], n_classes: int = N_CLASSES) -> dict:
+    """Parameters and GFLOPs of the model ``model_cfg`` names, at a latent store's size or a latent shape.
+
+    The model is built on the meta device: nothing is allocated, so this is instant at any size.
+    """
+    import torch
+
+    if isinstance(latents, (str, Path)):
+        from fmrisynth.data.store import ClipStore
+
+        store = ClipStore(latents)
+        latents, n_classes = tuple(store.item_shape), len(store.conditions)
+    with torch.device("meta"):
+        model = build_denoiser(model_cfg, latents, n_classes)
+    return {
+        "preset": model_cfg.preset,
+        "backbone": model_cfg.backbone,
+        "variant": getattr(model, "variant", None),
+        "latent_shape": list(latents),
+        "params": count_params(model),
+        "gflops": gflops(model, latents),
+    }
+
+
+def all_presets() -> list[dict]:
+    """``describe`` of every preset: ours at its own latent size, the baselines at both sizes."""
+    rows = [describe(ModelConfig(preset=name), LATENT_SHAPES[p.grid]) for name, p in PRESETS.items()]
+    for name in _baseline_presets():
+        rows += [describe(ModelConfig(backbone="monai-unet", preset=name), shape) for shape in LATENT_SHAPES.values()]
+    return rows

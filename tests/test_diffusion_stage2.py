@@ -1,0 +1,130 @@
+"""Stage 2 end to end on a tiny latent store: train (through the CLI), sample, and the NIfTI format.
+
+The VQ-GAN is replaced by a stand-in decoder (nearest upsampling of the latent channel mean), so
+these tests check stage 2's own work: timing, determinism, file format and errors.
+"""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from fmrisynth import stage1
+from fmrisynth.cli import main
+from fmrisynth.data.store import StoreWriter
+from fmrisynth.errors import FmrisynthError
+from fmrisynth.stage2 import design_boxcar, load_denoiser, sample, train_diffusion
+
+CONDITIONS = ["MOTOR:rh", "WM:2bk_faces"]
+T, C, GRID, TR = 4, 2, (8, 8, 8), 0.72
+AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])
+
+
+def write_stores(root):
+    """A clip store (for the grid, affine and mask) and a latent store of 12 clips, 2 conditions."""
+    mask = np.zeros(GRID, bool)
+    mask[1:7, 1:7, 1:7] = True
+    rows = [dict(label=k % 2, condition=CONDITIONS[k % 2], onset_s=0.72 * (k % 3), duration_s=1.5, tr=TR,
+                 split="train" if k < 10 else "test") for k in range(12)]  # fmt: skip
+    with StoreWriter(root / "clips", (T, int(mask.sum())), AFFINE, GRID, CONDITIONS, mask=mask) as w:
+        for row in rows:
+            w.add(np.zeros((T, int(mask.sum()))), **row)
+    meta = {"vqgan_checkpoint": str(root / "vqgan"), "clip_store": str(root / "clips"),
+            "latent_mean": [0.5, -0.5], "latent_std": [2.0, 1.0]}  # fmt: skip
+    rng = np.random.default_rng(0)
+    with StoreWriter(root / "latents", (T, C, 2, 2, 2), AFFINE, GRID, CONDITIONS, kind="latents", meta=meta) as w:
+        for row in rows:
+            w.add(rng.normal(size=(T, C, 2, 2, 2)) + row["label"], **row)
+    return mask
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2")
+    write_stores(root)
+    sets = ["train.batch_size=4", "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1", "train.lr=1e-3",
+            "diffusion.sample_steps=4", "diffusion.guidance=1.5"]  # fmt: skip
+    args = ["train", "--latents", str(root / "latents"), "--out", str(root / "run"), "--preset", "tiny", "--steps", "3", "--quiet"]
+    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
+    return root
+
+
+@pytest.fixture(autouse=True)
+def fake_vqgan(monkeypatch):
+    def decode(model, z):  # (B, T, c, d, h, w) -> (B, T, D, H, W), zero outside the mask
+        up = z.mean(2).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
+        return up * torch.from_numpy(model)
+
+    monkeypatch.setattr(stage1, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
+    monkeypatch.setattr(stage1, "decode", decode)
+
+
+def test_design_is_the_fraction_of_each_frame_inside_the_block():
+    design = design_boxcar(torch.tensor([1.0, 0.5]), torch.tensor([2.0, 1.0]), torch.tensor([1.0, 1.0]), frames=5)
+    assert torch.allclose(design, torch.tensor([[0, 1, 1, 0, 0], [0.5, 0.5, 0, 0, 0]], dtype=torch.float32))
+
+
+def test_training_writes_the_log_checkpoints_and_run_info(run):
+    log = [json.loads(line) for line in (run / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in log)
+    info = json.loads((run / "run" / "stage2.json").read_text())
+    assert info["conditions"] == CONDITIONS and info["latent_shape"] == [T, C, 2, 2, 2]
+    assert len(info["blocks"]["MOTOR:rh"]) == 5  # the train-split clips of that condition
+    den = load_denoiser(run / "run")
+    assert den.checkpoint.name == "step_000003" and not den.model.training
+
+
+def test_sample_writes_nifti_sidecar_and_events_for_evaluation(run, capsys):
+    out = run / "samples"
+    args = ["sample", "--checkpoint", str(run / "run"), "--condition", "WM:2bk_faces", "--n", "3", "--seed", "4",
+            "--onset", "0.5", "--duration", "1.0", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    files = sorted(p.name for p in out.iterdir())
+    assert len(files) == 9 and "WM-2bk_faces_seed4_002_bold.nii.gz" in files
+    img = nib.load(out / "WM-2bk_faces_seed4_000_bold.nii.gz")
+    assert img.shape == (*GRID, T) and img.get_data_dtype() == np.float32
+    assert np.allclose(img.affine, AFFINE) and np.isclose(img.header.get_zooms()[3], TR)
+    assert np.isfinite(img.get_fdata()).all() and img.get_fdata()[0].max() == 0  # outside the brain mask
+    sidecar = json.loads((out / "WM-2bk_faces_seed4_000_bold.json").read_text())
+    assert {"condition", "onset_s", "duration_s", "tr", "seed", "guidance", "sampler", "steps", "checkpoint"} <= set(sidecar)
+    assert sidecar["onset_s"] == 0.5 and sidecar["duration_s"] == 1.0 and sidecar["guidance"] == 1.5
+    assert sidecar["steps"] == 4 and sidecar["sampler"] == "ddim"
+    events = (out / "WM-2bk_faces_seed4_000_events.tsv").read_text().splitlines()
+    assert events == ["onset\tduration\ttrial_type", "0.500\t1.000\tWM:2bk_faces"]
+
+
+def test_samples_are_deterministic_by_seed_and_survive_the_checkpoint_round_trip(run, tmp_path):
+    def clips(checkpoint, seed, out):
+        paths = sample(checkpoint, "MOTOR:rh", 2, tmp_path / out, seed=seed, sampler="ddpm", steps=3)
+        return np.stack([nib.load(p).get_fdata() for p in paths])
+
+    checkpoint = sorted((run / "run" / "checkpoints").glob("step_*"))[-1]
+    a, b, c = clips(run / "run", 0, "a"), clips(checkpoint, 0, "b"), clips(run / "run", 1, "c")
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+    onsets = [json.loads(p.read_text())["onset_s"] for p in sorted((tmp_path / "a").glob("*.json"))]
+    assert set(onsets) <= {0.0, 0.72, 1.44}  # default timings are drawn from the training blocks
+
+
+def test_user_errors_are_clear_and_write_nothing(run, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(run / "run"), "--condition", "MOTOR:lf", "--out", str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "unknown condition 'MOTOR:lf'" in err and "MOTOR:rh" in err
+    with pytest.raises(FmrisynthError, match="must start inside the clip"):
+        sample(run / "run", "MOTOR:rh", 1, out, onset_s=T * TR)
+    with pytest.raises(FmrisynthError, match="no checkpoint found"):
+        sample(tmp_path / "nowhere", "MOTOR:rh", 1, out)
+
+    def wrong_decoder(model, z):
+        raise RuntimeError("expected input with 8 channels, got 2\nmore detail")
+
+    monkeypatch.setattr(stage1, "decode", wrong_decoder)
+    with pytest.raises(FmrisynthError, match="VQ-GAN cannot decode"):
+        sample(run / "run", "MOTOR:rh", 1, out)
+    assert not out.exists() or not any(out.iterdir())
+    with pytest.raises(FmrisynthError, match="not a latent store"):
+        train_diffusion(load_denoiser(run / "run").config, run / "clips", tmp_path / "run2")
+    with pytest.raises(FmrisynthError, match="already has checkpoints"):
+        train_diffusion(load_denoiser(run / "run").config, run / "latents", run / "run")
