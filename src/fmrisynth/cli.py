@@ -37,8 +37,8 @@ def arguments(add: Callable[[argparse.ArgumentParser], None]):
     return attach
 
 
-def config_from(args: argparse.Namespace, **flags: object):
-    """Resolved config: YAML, then --set, then the verb's own flags given as ``section.key=value``."""
+def config_from(args: argparse.Namespace, base: Path | None = None, **flags: object):
+    """Resolved config: ``base`` preset, YAML, --set, then the verb's own flags (``section__key=value``)."""
     from fmrisynth.config import load_config
 
     overrides = list(args.set or [])
@@ -48,7 +48,7 @@ def config_from(args: argparse.Namespace, **flags: object):
         if value is not None:
             value = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
             overrides.append(f"{key.replace('__', '.')}={value}")
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, base=base)
 
 
 def not_yet(issue: int):
@@ -67,13 +67,18 @@ def not_yet(issue: int):
     lambda p: (
         p.add_argument("--out", type=Path, required=True, help="dataset root to create"),
         p.add_argument("--subjects", type=int, help="number of subjects (default 10)"),
-        p.add_argument("--tasks", choices=["hcp7", "all"], help="conditions whose EVs are written"),
-        p.add_argument("--grid", help="2mm, 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
+        p.add_argument("--tasks", help="hcp7 or all (the seven HCP paradigms), or a list such as MOTOR,WM"),
+        p.add_argument("--grid", help="2mm (the real HCP grid), 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
         p.add_argument("--runs", help="phase encodings, e.g. LR,RL"),
     )
 )
 def _simulate(args):
-    return not_yet(3)(args)
+    from fmrisynth.data.simulator import simulate
+
+    cfg = config_from(args, sim__subjects=args.subjects, sim__tasks=args.tasks, sim__grid=args.grid, sim__runs=args.runs)
+    summary = simulate(cfg, args.out)
+    print(f"wrote {summary['runs']} runs of {len(summary['subjects'])} subjects ({summary['grid']}) "
+          f"to {summary['out']} in {summary['seconds']:.0f} s")  # fmt: skip
 
 
 @verb("prepare", "resample, mask and normalise runs, cut labelled clips into a store")
@@ -85,67 +90,102 @@ def _simulate(args):
         p.add_argument("--grid", help="2mm, 6mm or <mm>mm:<D>x<H>x<W>"),
         p.add_argument("--clip-len", type=int, help="frames per clip (default 20)"),
         p.add_argument("--conditions", help="hcp7, hcp24 or all"),
+        p.add_argument("--quiet", action="store_true", help="no progress bar"),
     )
 )
 def _prepare(args):
-    return not_yet(2)(args)
+    from fmrisynth.data.prepare import format_summary, prepare
+
+    cfg = config_from(args, data__grid=args.grid, data__clip_len=args.clip_len, data__conditions=args.conditions)
+    print(format_summary(prepare(args.source, args.root, args.out, cfg, progress=not args.quiet)))
 
 
-@verb("train-vae", "train the stage-1 3D VQ-GAN on a clip store")
+@verb("train-vae", "train the stage-1 3D VQ-GAN on a clip store, then encode it to OUT/latents")
 @arguments(
     lambda p: (
-        p.add_argument("--store", type=Path, required=True),
-        p.add_argument("--out", type=Path, required=True),
-        p.add_argument("--preset", help="tiny or base"),
-        p.add_argument("--steps", type=int),
+        p.add_argument("--store", type=Path, required=True, help="clip store from `fmrisynth prepare`"),
+        p.add_argument("--out", type=Path, required=True, help="run directory; the latent store goes to OUT/latents"),
+        p.add_argument("--preset", help="tiny (CPU) or base"),
+        p.add_argument("--steps", type=int, help="training steps (vae_train.steps)"),
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
+        p.add_argument("--quiet", action="store_true", help="no progress bars"),
     )
 )
 def _train_vae(args):
-    return not_yet(4)(args)
+    import shutil
+
+    from fmrisynth.stage1 import encode_store, train_vae
+
+    cfg = config_from(args, vae__preset=args.preset, vae_train__steps=args.steps)
+    checkpoint = train_vae(cfg, args.store, args.out, resume=args.resume, progress=not args.quiet)
+    latents = args.out / "latents"
+    if args.resume:  # latents of an earlier checkpoint are stale
+        shutil.rmtree(latents, ignore_errors=True)
+    encode_store(checkpoint, args.store, latents, progress=not args.quiet)
+    print(f"checkpoint: {checkpoint}\nlatent store: {latents}")
 
 
 @verb("train", "train the stage-2 latent diffusion model on a latent store")
 @arguments(
     lambda p: (
-        p.add_argument("--latents", type=Path, required=True),
-        p.add_argument("--out", type=Path, required=True),
-        p.add_argument("--preset"),
+        p.add_argument("--latents", type=Path, required=True, help="latent store from `fmrisynth train-vae`"),
+        p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, train_log.jsonl)"),
+        p.add_argument("--preset", help="model size, see `fmrisynth presets` (default tiny)"),
         p.add_argument("--backbone", choices=["ours", "monai-unet"]),
-        p.add_argument("--steps", type=int),
+        p.add_argument("--variant", choices=["hybrid", "all-cnn", "all-transformer", "adaln-only", "xattn-only"]),
+        p.add_argument("--steps", type=int, help="training steps (train.steps)"),
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
+        p.add_argument("--quiet", action="store_true", help="no progress bar"),
     )
 )
 def _train(args):
-    return not_yet(5)(args)
+    from fmrisynth.stage2 import train_diffusion
+
+    cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
+                      train__steps=args.steps)  # fmt: skip
+    checkpoint = train_diffusion(cfg, args.latents, args.out, resume=args.resume, progress=not args.quiet)
+    print(f"checkpoint: {checkpoint}")
 
 
 @verb("sample", "generate clips of a condition and write them as NIfTI")
 @arguments(
     lambda p: (
-        p.add_argument("--checkpoint", type=Path, required=True),
-        p.add_argument("--condition", required=True),
-        p.add_argument("--n", type=int, default=8),
-        p.add_argument("--guidance", type=float),
-        p.add_argument("--steps", type=int),
+        p.add_argument("--checkpoint", type=Path, required=True, help="run directory of `fmrisynth train` or a checkpoint"),
+        p.add_argument("--condition", required=True, help="e.g. MOTOR:rh"),
+        p.add_argument("--n", type=int, default=8, help="clips to generate"),
+        p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's, 2.0)"),
+        p.add_argument("--steps", type=int, help="sampling steps (default 50)"),
         p.add_argument("--sampler", choices=["ddpm", "ddim"]),
+        p.add_argument("--onset", type=float, help="block onset in s from the first frame (default: drawn from training)"),
+        p.add_argument("--duration", type=float, help="block duration in s (default: drawn from training)"),
         p.add_argument("--out", type=Path, required=True),
     )
 )
 def _sample(args):
-    return not_yet(5)(args)
+    from fmrisynth.stage2 import sample
+
+    paths = sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
+                   sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration)  # fmt: skip
+    print(f"{len(paths)} clips of {args.condition} -> {args.out}")
 
 
 @verb("evaluate", "GLM maps, map correlation, RSA, top-1, HRF, PCA, ceiling, memorisation")
 @arguments(
     lambda p: (
         p.add_argument("--real", required=True, help="STORE[:split] of real clips (default split test)"),
-        p.add_argument("--generated", type=Path, required=True, help="directory of samples or a store"),
+        p.add_argument("--generated", required=True, help="directory of samples, or STORE[:split] (real vs real)"),
         p.add_argument("--out", type=Path, required=True),
     )
 )
 def _evaluate(args):
-    return not_yet(6)(args)
+    from fmrisynth.evaluate.run import evaluate
+
+    m = evaluate(args.real, args.generated, args.out, config_from(args))
+    ceiling = m["ceiling"]
+    for key in ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean"):
+        value, c = m[key], ceiling.get(key)
+        print(f"{key:<15}{'-' if value is None else f'{value:.3f}':>8}   ceiling {'-' if c is None else f'{c:.3f}'}")
+    print(f"metrics: {args.out / 'metrics.json'}")
 
 
 @verb("report", "one self-contained HTML report from an evaluation")
@@ -157,7 +197,9 @@ def _evaluate(args):
     )
 )
 def _report(args):
-    return not_yet(6)(args)
+    from fmrisynth.evaluate.report import write_report
+
+    print(f"report: {write_report(args.eval, args.out, args.scaling)}")
 
 
 @verb("demo", "the whole chain on the embedded simulator, on a laptop")
@@ -169,25 +211,49 @@ def _report(args):
     )
 )
 def _demo(args):
-    return not_yet(7)(args)
+    from fmrisynth.config import packaged_config
+    from fmrisynth.pipeline import demo
+
+    cfg = config_from(args, base=packaged_config("demo"))
+    demo(cfg, args.out, minutes=args.minutes or 10.0, fresh=args.fresh)
 
 
 @verb("scale", "train and evaluate a grid of model sizes, fit metric vs parameters")
 @arguments(
     lambda p: (
-        p.add_argument("--sizes", help="comma-separated presets"),
-        p.add_argument("--budget", help="steps per size, e.g. 2000"),
+        p.add_argument("--sizes", required=True, help="comma-separated presets, e.g. s0.3m,s1m,s3m"),
+        p.add_argument("--budget", help="per size: steps (2000) or FLOPs (3e13flops); default train.steps"),
         p.add_argument("--out", type=Path, required=True),
     )
 )
 def _scale(args):
-    return not_yet(7)(args)
+    from fmrisynth.config import packaged_config
+    from fmrisynth.pipeline import scale
+
+    cfg = config_from(args, base=packaged_config("demo"))  # same data and recipe as the demo
+    sizes = [s for s in (args.sizes or "").split(",") if s]
+    result = scale(cfg, sizes, args.budget or str(cfg.train.steps), args.out)
+    fit = result["fits"].get("map_corr_mean", {}).get("loglinear")
+    if fit:
+        print(f"map_corr_mean = {fit['a']:.3f} + {fit['b']:.3f} log10(params)  (95% CI of slope {fit['b_ci'][0]:.3f}..{fit['b_ci'][1]:.3f})")
+    print(f"table and fits: {args.out / 'scaling.json'}")
 
 
 @verb("presets", "list the model presets with parameters and GFLOPs")
-@arguments(lambda p: p.add_argument("--json", action="store_true"))
+@arguments(lambda p: p.add_argument("--json", action="store_true", help="print a JSON list instead of a table"))
 def _presets(args):
-    return not_yet(5)(args)
+    import json
+
+    from fmrisynth.models.presets import all_presets
+
+    rows = all_presets()
+    if args.json:
+        print(json.dumps(rows, indent=1))
+        return
+    print(f"{'preset':<24}{'backbone':<12}{'latent (T, c, d, h, w)':<26}{'params':>10}{'GFLOPs':>10}")
+    for r in rows:
+        shape = "(" + ", ".join(map(str, r["latent_shape"])) + ")"
+        print(f"{r['preset']:<24}{r['backbone']:<12}{shape:<26}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}")
 
 
 # --- entry point --------------------------------------------------------------------------------

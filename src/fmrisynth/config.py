@@ -31,11 +31,14 @@ class SimConfig:
     """The embedded simulator (``fmrisynth simulate``): an HCP-layout dataset with ground truth."""
 
     subjects: int = 10
-    tasks: str = "hcp7"  # "hcp7": the 7 paradigms; "all" is the same paradigms with all 24 EVs kept
-    grid: str = "6mm"
+    tasks: str = "hcp7"  # "hcp7" or "all": the seven HCP paradigms, every EV; or a list, "MOTOR,WM"
+    grid: str = "6mm"  # "2mm": the real HCP grid (91x109x91, LAS); else a model grid, e.g. "6mm"
     runs: tuple[str, ...] = ("LR", "RL")
-    task_amplitude: float = 1.0  # scales the real HCP betas (percent signal change units)
-    thermal_sd: float = 0.6  # white noise, in percent of baseline
+    task_amplitude: float = 3.0  # % signal change per 100 units of the real (parcel-averaged) HCP betas
+    thermal_sd: float = 1.5  # white noise in % of baseline for a 2 mm voxel (scaled by voxel volume)
+    drift_pct: float = 1.0  # slow scanner drift over a run, % of baseline
+    subject_jitter: float = 0.3  # added to a subject's real betas, in units of the between-subject sd
+    smoothing_mm: float = 3.0  # Gaussian sigma that blends painted parcels
     spikes: bool = False  # motion-like spikes
 
 
@@ -62,9 +65,12 @@ class VQGANConfig:
     latent_channels: int = 4
     downsample: int = 4  # 4 (default) or 8, per axis
     codebook_size: int = 512
+    quantizer: str = "ema"  # codes move as EMA cluster means ("ema") or by gradient ("st", straight-through)
+    ema_decay: float = 0.99  # of code usage (and of the codes themselves with "ema")
+    dead_code_threshold: float = 0.1  # restart codes used less than this fraction of the uniform share
     commitment: float = 0.25
-    l2_weight: float = 0.0
-    adv_weight: float = 0.1
+    l2_weight: float = 0.0  # reconstruction = L1 + l2_weight * L2, both inside the brain mask
+    adv_weight: float = 0.1  # scales the adaptive (VQ-GAN) weight of the patch adversarial loss
     disc_start: int = 500  # generator steps before the adversarial loss is switched on
 
 
@@ -73,8 +79,10 @@ class ModelConfig:
     """Stage 2 backbone: ``ours`` (hierarchical CNN-Transformer) or ``monai-unet`` (the baseline)."""
 
     backbone: str = "ours"
-    preset: str = "tiny"
-    variant: str = "hybrid"  # ablations: hybrid | all-cnn | all-transformer | adaln-only | xattn-only
+    preset: str = "tiny"  # see `fmrisynth presets`: tiny, s0.3m ... s463m, s237m-all-cnn, monai-tiny, ...
+    # None: the preset's own (hybrid unless the preset is an ablation); else one of
+    # hybrid | all-cnn | all-transformer | adaln-only | xattn-only
+    variant: str | None = None
 
 
 @dataclass
@@ -82,7 +90,7 @@ class DiffusionConfig:
     """Noise schedule, objective and sampler (reference: DDPM, eps, linear 0.0015->0.0195, 1000)."""
 
     prediction: str = "eps"  # "eps" or "v"
-    schedule: str = "linear"  # "linear" or "cosine"
+    schedule: str = "linear"  # "linear", "scaled-linear" (linear in sqrt(beta), as in LDM) or "cosine"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
     num_steps: int = 1000
@@ -114,11 +122,17 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The evaluation protocol of DESIGN.md."""
+    """The evaluation protocol of DESIGN.md (``fmrisynth evaluate``)."""
 
     hrf: str = "glover"  # "glover" or "spm"
     drift_order: int = 1
     roi_fraction: float = 0.05
+    split: str = "test"  # the real store's held-out split, when --real names none
+    feature_voxels: int = 4096  # random in-mask voxels kept per clip for the PCA and memorisation
+    pca_components: int = 10
+    memorisation_margin: float = 0.1  # flag when train_nn_corr exceeds heldout_nn_corr by more
+    batch_clips: int = 16  # clips fitted together (memory: batch x T x V float32, a few times)
+    plot_frames: int = 4000  # frames per set kept for the report's PCA scatter
 
 
 @dataclass
@@ -215,19 +229,28 @@ def to_dict(cfg: Any) -> dict:
     return plain(dataclasses.asdict(cfg))
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Config:
-    """Build the resolved config: defaults, then the YAML file, then ``key.sub=value`` overrides."""
+def packaged_config(name: str) -> Path:
+    """A YAML preset shipped inside the package (``src/fmrisynth/configs/<name>.yaml``)."""
+    return Path(__file__).parent / "configs" / f"{name}.yaml"
+
+
+def load_config(
+    path: str | Path | None = None, overrides: typing.Iterable[str] = (), base: str | Path | None = None
+) -> Config:
+    """Build the resolved config: defaults, a ``base`` preset, the YAML file, ``key.sub=value`` overrides."""
     tree = to_dict(Config())
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FmrisynthError("config file not found", path)
+    for source in (base, path):
+        if source is None:
+            continue
+        source = Path(source)
+        if not source.is_file():
+            raise FmrisynthError("config file not found", source)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(source.read_text()) or {}
         except yaml.YAMLError as e:
-            raise FmrisynthError(f"not valid YAML ({str(e).splitlines()[0]})", path) from None
+            raise FmrisynthError(f"not valid YAML ({str(e).splitlines()[0]})", source) from None
         if not isinstance(loaded, dict):
-            raise FmrisynthError("expected a YAML mapping at the top level", path)
+            raise FmrisynthError("expected a YAML mapping at the top level", source)
         tree = _merge(tree, loaded)
     for item in overrides:
         key, sep, value = item.partition("=")

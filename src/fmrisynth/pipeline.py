@@ -1,0 +1,181 @@
+"""The whole chain as one call: ``fmrisynth demo`` and the scaling study ``fmrisynth scale``.
+
+The demo runs simulate → prepare → train-vae (+ latent cache) → train → sample → evaluate → report
+in one output directory, one sub-directory per stage. A stage that finished leaves a ``.done``
+marker and is reused by the next run (``fresh=True`` redoes everything); an interrupted training
+stage resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable
+
+from fmrisynth.config import Config, save_config
+from fmrisynth.errors import FmrisynthError
+
+# Fractions of the demo's time budget given to the two training stages (the rest is I/O and eval).
+VAE_SHARE, DIFFUSION_SHARE = 0.25, 0.40
+METRICS = ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")
+
+
+def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log: Callable[[str], None]) -> Path:
+    """Run ``run(out)`` unless a previous run finished it; mark it done on success."""
+    marker = out / ".done"
+    if marker.exists() and not fresh:
+        log(f"[{name}] reusing {out}")
+        return out
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    log(f"[{name}] → {out}")
+    run(out)
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{time.perf_counter() - t0:.1f}\n")
+    log(f"[{name}] done in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[str], None] = print) -> Path:
+    """simulate → prepare → train-vae → latent cache; returns the latent store (reused when done)."""
+    from fmrisynth import stage1
+    from fmrisynth.data.prepare import prepare
+    from fmrisynth.data.simulator import simulate
+
+    def simulate_into(d: Path) -> None:
+        if d.exists():  # an interrupted simulate leaves no valid dataset: start over
+            shutil.rmtree(d)
+        simulate(cfg, d, progress=True)
+
+    def prepare_into(d: Path) -> None:
+        shutil.rmtree(d, ignore_errors=True)
+        prepare("hcp", out / "sim", d, cfg, progress=True)
+
+    def vae_into(d: Path) -> None:
+        ckpt = stage1.train_vae(cfg, out / "store", d, resume=True)
+        shutil.rmtree(d / "latents", ignore_errors=True)
+        stage1.encode_store(ckpt, out / "store", d / "latents")
+
+    _stage("simulate", out / "sim", fresh, simulate_into, log)
+    _stage("prepare", out / "store", fresh, prepare_into, log)
+    _stage("train-vae", out / "vae", fresh, vae_into, log)
+    return out / "vae" / "latents"
+
+
+def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Sample every condition as often as the held-out set has clips of it; evaluate against them."""
+    from fmrisynth import stage2
+    from fmrisynth.data.store import ClipStore
+    from fmrisynth.evaluate.run import evaluate
+
+    real = ClipStore(store)
+    samples = out / "samples"
+    shutil.rmtree(samples, ignore_errors=True)
+    for k, condition in enumerate(real.conditions):
+        n = len(real.indices(split="test", condition=condition))
+        if n:
+            stage2.sample(
+                checkpoint, condition, n, samples, guidance=cfg.diffusion.guidance, steps=cfg.diffusion.sample_steps,
+                sampler=cfg.diffusion.sampler, seed=cfg.seed + 1000 * k,
+            )
+    log(f"[sample] {len(list(samples.glob('*_bold.nii.gz')))} clips → {samples}")
+    return evaluate(f"{store}:test", samples, out / "eval", cfg)
+
+
+def metric_table(metrics: dict) -> str:
+    """A plain-text table of the headline metrics beside their noise ceilings."""
+    ceiling = metrics.get("ceiling", {})
+    lines = [f"{'metric':<16}{'generated':>10}{'ceiling':>10}"]
+
+    def cell(v: float | None) -> str:  # None: undefined, e.g. the RSA of two conditions
+        return f"{'-':>10}" if v is None else f"{v:>10.3f}"
+
+    for key in METRICS:
+        if key in metrics:
+            lines.append(f"{key:<16}{cell(metrics[key])}{cell(ceiling.get(key))}")
+    return "\n".join(lines)
+
+
+def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log: Callable[[str], None] = print) -> dict:
+    """The whole chain on the embedded simulator within about ``minutes`` of wall-clock time."""
+    from fmrisynth import stage2
+    from fmrisynth.evaluate.report import write_report
+
+    t0 = time.perf_counter()
+    cfg = replace(
+        cfg,
+        vae_train=replace(cfg.vae_train, max_minutes=VAE_SHARE * minutes),
+        train=replace(cfg.train, max_minutes=DIFFUSION_SHARE * minutes),
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    latents = prepare_latents(cfg, out, fresh, log)
+    _stage("train", out / "diffusion", fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
+    metrics_file = out / "results" / "eval" / "metrics.json"
+
+    def evaluate_into(d: Path) -> None:
+        sample_and_evaluate(cfg, out / "diffusion", out / "store", d, log)
+        write_report(d / "eval", d / "report.html")
+
+    _stage("sample+evaluate", out / "results", fresh, evaluate_into, log)
+    metrics = json.loads(metrics_file.read_text())
+    log("\n" + metric_table(metrics))
+    log(f"\nreport: {out / 'results' / 'report.html'}   ({(time.perf_counter() - t0) / 60:.1f} min)")
+    return metrics
+
+
+def _steps_for(budget: str, gflops: float, batch_size: int) -> int:
+    """A budget of ``N`` steps, or ``<N>flops`` converted with 3 forward-equivalents per sample-step."""
+    if budget.endswith("flops"):
+        flops = float(budget[: -len("flops")])
+        return max(1, math.floor(flops / (3 * gflops * 1e9 * batch_size)))
+    try:
+        return int(budget)
+    except ValueError:
+        raise FmrisynthError(f"budget {budget!r}: give a step count (2000) or FLOPs (3e13flops)") from None
+
+
+def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Train each preset in ``sizes`` under one budget, evaluate it, fit metric vs parameters.
+
+    Writes ``out/scaling.json``: {"rows": [{preset, params, gflops, steps, train_s, metrics...}],
+    "fits": {metric: fit_scaling(...)}}; the data stages are shared by all sizes.
+    """
+    from fmrisynth import stage2
+    from fmrisynth.models.presets import describe
+    from fmrisynth.scaling import fit_scaling
+
+    if len(sizes) < 2:
+        raise FmrisynthError("scale needs at least two --sizes")
+    latents = prepare_latents(cfg, out / "data", False, log)
+    rows = []
+    for preset in sizes:
+        info = describe(replace(cfg.model, preset=preset), latents)
+        steps = _steps_for(budget, info["gflops"], cfg.train.batch_size)
+        run_cfg = replace(cfg, model=replace(cfg.model, preset=preset), train=replace(cfg.train, steps=steps))
+        run = out / preset
+        t0 = time.perf_counter()
+        _stage(f"train {preset}", run / "diffusion", False, lambda d: stage2.train_diffusion(run_cfg, latents, d, resume=True), log)
+        train_s = float((run / "diffusion" / ".done").read_text())
+        metrics = sample_and_evaluate(run_cfg, run / "diffusion", out / "data" / "store", run, log)
+        rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps,
+                     "train_s": train_s, **{k: metrics[k] for k in METRICS if k in metrics}})
+        log(f"[scale] {preset}: {info['params'] / 1e6:.2f}M params, map r {metrics['map_corr_mean']:.3f} "
+            f"({time.perf_counter() - t0:.0f} s)")
+    fits = {}
+    for key in METRICS:
+        values = [r.get(key, float("nan")) for r in rows]
+        try:
+            fits[key] = fit_scaling([r["params"] for r in rows], values)
+        except FmrisynthError:
+            continue
+    result = {"budget": budget, "rows": rows, "fits": fits}
+    tmp = out / "scaling.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1))
+    tmp.replace(out / "scaling.json")
+    return result
