@@ -12,7 +12,8 @@ from fmrisynth.config import load_config
 from fmrisynth.data.nifti import Run
 from fmrisynth.data.prepare import REST, plan_clips, prepare, split_units
 from fmrisynth.data.grid import get_grid
-from fmrisynth.data.preprocess import in_mask, lattice_index, normalise, to_grid
+from fmrisynth.data.grid import resample
+from fmrisynth.data.preprocess import in_mask, lattice_index, normalise
 from fmrisynth.data.store import ClipStore
 
 HAXBY_CATEGORIES = ["bottle", "cat", "chair", "face", "house", "scissors", "scrambledpix", "shoe"]
@@ -98,7 +99,7 @@ def test_runs_on_the_grid_lattice_are_picked_exactly_others_interpolated(rng):
     for affine in (las_affine(), shifted):
         assert lattice_index(affine, data.shape, grid, mask) is not None
         x = in_mask(data, affine, grid, mask)  # (T, V)
-        reference = to_grid(nib.Nifti1Image(data, affine), grid)[mask].T  # nilearn, linear
+        reference = resample(nib.Nifti1Image(data, affine), grid)[mask].T  # nilearn, linear
         known = reference[0] != 0  # nilearn also zeroes the image's edge plane when shifted
         assert known.sum() >= 32 and np.allclose(x[:, known], reference[:, known], atol=1e-3)
     outside = np.argwhere(mask)[:, 1] == 0
@@ -106,7 +107,7 @@ def test_runs_on_the_grid_lattice_are_picked_exactly_others_interpolated(rng):
     off = las_affine()
     off[2, 3] += 4.0  # 0.4 voxel: needs interpolation
     assert lattice_index(off, data.shape, grid, mask) is None
-    assert np.allclose(in_mask(data, off, grid, mask), to_grid(nib.Nifti1Image(data, off), grid)[mask].T)
+    assert np.allclose(in_mask(data, off, grid, mask), resample(nib.Nifti1Image(data, off), grid)[mask].T)
 
 
 @pytest.mark.parametrize("how", ["zscore", "psc", "none"])

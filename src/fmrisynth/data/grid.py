@@ -59,28 +59,38 @@ def get_grid(spec: str) -> Grid:
     return Grid(spec, mm, shape)  # type: ignore[arg-type]
 
 
+def resample(img, grid: Grid, interpolation: str = "linear") -> np.ndarray:
+    """Resample a 3D or 4D NIfTI image onto the grid with nilearn -> (D, H, W[, T]) float32.
+
+    Binary images (masks, templates) are resampled smoothly on purpose and thresholded by the
+    caller, so nilearn's warning about it is silenced here.
+    """
+    from nilearn.image import resample_img
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Resampling binary images")
+        out = resample_img(
+            img,
+            target_affine=grid.affine,
+            target_shape=grid.shape,
+            interpolation=interpolation,
+            force_resample=True,
+            copy_header=True,
+        )
+    return np.asarray(out.dataobj, dtype=np.float32)
+
+
 @lru_cache(maxsize=8)
 def _mni_on_grid(spec: str, which: str) -> np.ndarray:
     from nilearn import datasets, image
 
-    grid = get_grid(spec)
     loaders = {
         "mask": lambda: datasets.load_mni152_brain_mask(resolution=2),
         "gm": lambda: datasets.load_mni152_gm_template(resolution=2),
     }
     template = loaders[which]()
     template = image.new_img_like(template, np.asarray(template.dataobj, dtype=np.float32))
-    with warnings.catch_warnings():  # nilearn warns that a binary mask is resampled smoothly: intended
-        warnings.simplefilter("ignore", UserWarning)
-        img = image.resample_img(
-            template,
-            target_affine=grid.affine,
-            target_shape=grid.shape,
-            interpolation="continuous",
-            force_resample=True,
-            copy_header=True,
-        )
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = resample(template, get_grid(spec), "continuous")
     data.setflags(write=False)
     return data
 

@@ -10,33 +10,15 @@ baseline differ between runs; ``zscore`` is what the models train on, ``psc`` ke
 
 from __future__ import annotations
 
-import warnings
 
 import nibabel as nib
 import numpy as np
 
-from fmrisynth.data.grid import Grid, brain_mask
+from fmrisynth.data.grid import Grid, brain_mask, resample
 from fmrisynth.data.nifti import Run, load_run, open_image
 from fmrisynth.errors import FmrisynthError
 
 NORMALISE = ("zscore", "psc", "none")
-
-
-def to_grid(img: nib.Nifti1Image, grid: Grid) -> np.ndarray:
-    """Resample a 3D or 4D image onto the grid (linear) -> (D, H, W[, T]) float32."""
-    from nilearn.image import resample_img
-
-    with warnings.catch_warnings():  # binary images (masks) are resampled linearly on purpose
-        warnings.filterwarnings("ignore", message="Resampling binary images")
-        out = resample_img(
-            img,
-            target_affine=grid.affine,
-            target_shape=grid.shape,
-            interpolation="linear",
-            force_resample=True,
-            copy_header=True,
-        )
-    return np.asarray(out.dataobj, dtype=np.float32)
 
 
 def lattice_index(affine: np.ndarray, shape: tuple[int, ...], grid: Grid, mask: np.ndarray):
@@ -60,7 +42,7 @@ def in_mask(data: np.ndarray, affine: np.ndarray, grid: Grid, mask: np.ndarray) 
     """Values of a 4D image (X, Y, Z, T) at the grid's brain voxels -> (T, V) float32."""
     lattice = lattice_index(affine, data.shape, grid, mask)
     if lattice is None:
-        return np.ascontiguousarray(to_grid(nib.Nifti1Image(data, affine), grid)[mask].T)  # (D,H,W,T) -> (T, V)
+        return np.ascontiguousarray(resample(nib.Nifti1Image(data, affine), grid)[mask].T)  # (D,H,W,T) -> (T, V)
     index, inside = lattice
     series = data.reshape(-1, data.shape[3], order="F").T  # (T, X*Y*Z), a view of nibabel's Fortran array
     x = np.zeros((data.shape[3], int(mask.sum())), dtype=np.float32)
@@ -75,7 +57,7 @@ def load_mask(path: str | None, grid: Grid) -> np.ndarray:
     else:
         img = open_image(path, ndim=3)
         inside = (np.asarray(img.dataobj) > 0).astype(np.float32)
-        mask = to_grid(nib.Nifti1Image(inside, img.affine), grid) >= 0.5
+        mask = resample(nib.Nifti1Image(inside, img.affine), grid) >= 0.5
     if not mask.any():
         raise FmrisynthError(f"brain mask is empty on the {grid.name} grid (does it overlap the grid?)", path)
     return mask
