@@ -87,6 +87,10 @@ def test_latent_store_keeps_rows_and_decodes_back(run, store, tmp_path):
     direct = model(torch.from_numpy(clips.clip(0))[:, None])[0][:, 0]
     assert torch.allclose(vols[0], direct, atol=0.05)  # float16 latents decode like the model's own pass
 
+    train_only = ClipStore(encode_store(run, store, tmp_path / "train_latents", progress=False, splits=("train",)))
+    assert set(train_only.manifest["split"]) == {"train"} and len(train_only) == len(clips.indices(split="train"))
+    assert train_only.header["latent_mean"] == h["latent_mean"]  # the statistics are the train split's either way
+
     recon = ClipStore(reconstruct_store(run, store, tmp_path / "recon", split="test", progress=False))
     assert len(recon) == 4 and recon.item_shape == clips.item_shape and np.array_equal(recon.mask, clips.mask)
     assert list(recon.manifest["subject"]) == list(clips.manifest["subject"][8:])

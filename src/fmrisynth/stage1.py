@@ -132,12 +132,16 @@ def _per_clip(
         yield int(i), torch.cat([fn(chunk) for chunk in frames.split(batch)]).cpu()
 
 
-def encode_store(vqgan_checkpoint: Path, clip_store: Path, out: Path, progress: bool = True, batch: int = 32) -> Path:
-    """Encode every clip of ``clip_store`` once into a latent store at ``out``; returns ``out``.
+def encode_store(
+    vqgan_checkpoint: Path, clip_store: Path, out: Path, progress: bool = True, batch: int = 32,
+    splits: tuple[str, ...] | None = None,
+) -> Path:  # fmt: skip
+    """Encode every clip of ``clip_store`` (or those of ``splits``) once into a latent store at ``out``.
 
     Items are the unquantised encoder outputs (T, c, d, h, w); ``decode`` quantises them. The header
     records the checkpoint, the source store, the grid and the per-channel mean and std of the train
-    split's latents.
+    split's latents. Stage 2 trains on the train split only, so ``splits=("train",)`` saves the time of
+    encoding held-out clips nothing downstream reads. Returns ``out``.
     """
     clips = _clip_store(Path(clip_store))
     model = load_vqgan(vqgan_checkpoint, clips.mask).to(_device())
@@ -147,7 +151,8 @@ def encode_store(vqgan_checkpoint: Path, clip_store: Path, out: Path, progress: 
     train = set(clips.indices(split="train").tolist())
     moments = torch.zeros(3, c, dtype=torch.float64)  # count, sum, sum of squares per channel
     with StoreWriter(out, item_shape, clips.affine, clips.grid_shape, clips.conditions, kind="latents", meta=meta) as w:
-        for i, z in _per_clip(model.latent, clips, np.arange(len(clips)), batch, progress, "encode"):  # z (T, c, d, h, w)
+        keep = np.arange(len(clips)) if splits is None else np.flatnonzero(clips.manifest["split"].isin(splits).to_numpy())
+        for i, z in _per_clip(model.latent, clips, keep, batch, progress, "encode"):  # z (T, c, d, h, w)
             z16 = z.half()
             w.add(z16.numpy(), **clips.manifest.iloc[i].to_dict())
             if i in train:
