@@ -51,14 +51,6 @@ def config_from(args: argparse.Namespace, base: Path | None = None, **flags: obj
     return load_config(args.config, overrides, base=base)
 
 
-def not_yet(issue: int):
-    def handler(args: argparse.Namespace) -> int:
-        print(f"fmrisynth {args.verb}: not available yet (issue #{issue})", file=sys.stderr)
-        return 2
-
-    return handler
-
-
 # --- verbs --------------------------------------------------------------------------------------
 
 
