@@ -1,0 +1,185 @@
+"""Ours vs the MONAI diffusion U-Net vs the ablations of ours, trained and evaluated on equal terms.
+
+The reference compares its hybrid CNN->Transformer (0.83 map r / 0.98 RSA / 1.00 top-1 at 463M)
+against a MONAI diffusion U-Net (~237M: 0.50 / 0.80 / 0.40) and ablates its own design at ~236M:
+all-CNN, all-Transformer, AdaLN-Zero only, cross-attention only. This script reruns that comparison
+on the embedded simulator. Every arm gets the same data (simulate -> prepare -> VQ-GAN -> latents,
+done once and shared), the same seed, steps, batch, learning rate, sampler, guidance and number of
+generated clips (as many per condition as the held-out split has), and the same evaluation.
+
+    python benchmarks/compare.py                   # CPU: tiny sizes, 6 mm grid, ~1 h on 2 idle cores
+    python benchmarks/compare.py --gpu             # reference sizes at the 2 mm grid, one GPU
+    python benchmarks/compare.py --arms ours,monai-unet --set train.steps=2000
+
+Per arm it writes ``<out>/<arm>/diffusion`` (checkpoints, train_log.jsonl) and
+``<out>/<arm>/results/eval/metrics.json``; finished stages are reused when rerun (``--fresh`` redoes
+them). The table is printed and written to ``benchmarks/results/compare_<profile>.json``: params,
+GFLOPs per forward pass, train step time, sampling time per clip, map correlation, RSA, top-1 (map
+and clip) and HRF r, with the noise ceiling (two halves of the real held-out subjects) beside them.
+
+Timings are of the denoiser alone: step time is the median over logged training windows; sampling
+time generates one batch of latent clips with the run's sampler, steps and guidance (decoding is the
+same VQ-GAN for every arm and is left out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from fmrisynth.config import Config, ModelConfig, load_config, save_config, to_dict
+from fmrisynth.pipeline import METRICS, _stage, prepare_latents, sample_and_evaluate
+
+ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Config overrides (applied before the user's ``--set``) and the arms: name -> model config."""
+
+    overrides: tuple[str, ...]
+    arms: dict[str, ModelConfig]
+
+
+PROFILES = {
+    # s3m (3.2M) and monai-tiny (2.3M) cost the same 0.8 GFLOPs per forward pass at the demo latent,
+    # so on CPU the two backbones meet at equal compute; the ablations are variants of s3m. Budgets
+    # are steps, not minutes, so that a busy machine is slower but reaches the same result.
+    "cpu": Profile(
+        overrides=("data.grid=6mm", "sim.grid=6mm", "vae.preset=tiny", "vae_train.steps=300",
+                   "train.steps=600", "train.batch_size=8", "train.lr=2e-4", "train.ckpt_every=300"),
+        arms={"ours": ModelConfig("ours", "s3m"), "monai-unet": ModelConfig("monai-unet", "monai-tiny"),
+              **{v: ModelConfig("ours", "s3m", v) for v in ABLATIONS}},
+    ),
+    # The reference's sizes: ours at 463M and at 237M (the size of its baseline and ablations), the
+    # 237M MONAI U-Net, and the ablations re-widened to ~236.5M each.
+    "gpu": Profile(
+        overrides=("data.grid=2mm", "sim.grid=2mm", "vae.preset=base", "train.steps=20000",
+                   "train.batch_size=8", "train.lr=1e-4", "train.ckpt_every=2000", "train.amp=bf16"),
+        arms={"ours": ModelConfig("ours", "s463m"), "ours-237m": ModelConfig("ours", "s237m"),
+              "monai-unet": ModelConfig("monai-unet", "monai-237m"),
+              **{v: ModelConfig("ours", f"s237m-{v}") for v in ABLATIONS}},
+    ),
+}  # fmt: skip
+COLUMNS = {  # row key -> table header
+    "params": "params", "gflops": "GFLOPs", "step_s": "step s", "sample_s_per_clip": "sample s/clip",
+    "map_corr_mean": "map r", "rsa": "RSA", "top1_map": "top1 map", "top1_clip": "top1 clip", "hrf_corr_mean": "HRF r",
+}  # fmt: skip
+
+
+def step_seconds(run: Path, cfg: Config) -> float:
+    """Median seconds per optimiser step over the logged windows (the first, warm-up window skipped)."""
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    clips_per_step = cfg.train.batch_size * cfg.train.grad_accum
+    return statistics.median(clips_per_step / r["clips_per_s"] for r in rows[1:] or rows)
+
+
+def sampling_seconds_per_clip(run: Path, cfg: Config, n: int = 8) -> float:
+    """Seconds to generate one latent clip, timed on a batch of ``n`` after a one-step warm-up."""
+    import torch
+
+    from fmrisynth.stage2 import load_denoiser
+
+    den = load_denoiser(run)
+    frames = den.info["latent_shape"][0]
+    labels, designs = torch.zeros(n, dtype=torch.long), torch.zeros(n, frames)  # cost is condition-free
+    d = cfg.diffusion
+    den.generate(labels, designs, 1, d.sampler, d.guidance, torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()  # generate() returns CPU tensors, so the GPU has finished when it returns
+    den.generate(labels, designs, d.sample_steps, d.sampler, d.guidance, torch.Generator().manual_seed(0))
+    return (time.perf_counter() - t0) / n
+
+
+def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh: bool, log) -> dict:
+    """Train one arm, time it, sample and evaluate it; return its row of the table."""
+    from fmrisynth import stage2
+    from fmrisynth.models.presets import describe
+
+    run = out / name
+    info = describe(cfg.model, latents)
+    _stage(f"train {name}", run / "diffusion", fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
+    _stage(f"sample+evaluate {name}", run / "results", fresh, lambda d: sample_and_evaluate(cfg, run / "diffusion", store, d, log), log)
+    metrics = json.loads((run / "results" / "eval" / "metrics.json").read_text())
+    return {
+        "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
+        "params": info["params"], "gflops": info["gflops"],
+        "step_s": step_seconds(run / "diffusion", cfg), "sample_s_per_clip": sampling_seconds_per_clip(run / "diffusion", cfg),
+        **{k: metrics.get(k) for k in METRICS},
+        # the real data's own halves; for HRF r, how well the real ROI time course follows the canonical HRF
+        "ceiling": {**{k: metrics["ceiling"][k] for k in ("map_corr_mean", "rsa", "top1_map")},
+                    "hrf_corr_mean": metrics.get("hrf_corr_real_mean")},
+        "n_real": metrics["n_real"], "n_generated": metrics["n_generated"],
+    }  # fmt: skip
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "params":
+        return f"{value / 1e6:.2f}M"
+    return f"{value:.4g}" if key in ("gflops", "step_s", "sample_s_per_clip") else f"{value:.3f}"
+
+
+def table(rows: list[dict]) -> str:
+    """The comparison as plain text, one arm a line, the noise ceiling last (the same real data for all)."""
+    header = ["arm", *COLUMNS.values()]
+    lines = [[r["arm"], *(_cell(k, r[k]) for k in COLUMNS)] for r in rows]
+    ceiling = rows[0]["ceiling"]
+    lines.append(["noise ceiling", *(_cell(k, ceiling.get(k)) for k in COLUMNS)])
+    widths = [max(len(x) for x in col) for col in zip(header, *lines)]
+    return "\n".join("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(line, widths)))
+                     for line in [header, *lines])  # fmt: skip
+
+
+def machine() -> dict:
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    return {"torch": torch.__version__, "gpu": gpu, "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpu", action="store_true", help="the reference sizes at the 2 mm grid (default: CPU, tiny)")
+    parser.add_argument("--out", type=Path, help="working directory (default runs/compare_<profile>)")
+    parser.add_argument("--arms", help=f"comma-separated subset of the profile's arms (CPU: {', '.join(PROFILES['cpu'].arms)})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.steps=2000")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--fresh", action="store_true", help="redo finished stages")
+    parser.add_argument("--json", type=Path, help="table to write (default benchmarks/results/compare_<profile>.json)")
+    args = parser.parse_args(argv)
+
+    name = "gpu" if args.gpu else "cpu"
+    profile = PROFILES[name]
+    arms = args.arms.split(",") if args.arms else list(profile.arms)
+    unknown = sorted(set(arms) - set(profile.arms))
+    if unknown:
+        parser.error(f"unknown arm {unknown[0]!r}; the {name} profile has {', '.join(profile.arms)}")
+    cfg = load_config(None, [*profile.overrides, f"seed={args.seed}", *args.set])
+    out = args.out or Path("runs") / f"compare_{name}"
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    t0 = time.perf_counter()
+    latents = prepare_latents(cfg, out / "data", args.fresh, print)
+    rows = [run_arm(replace(cfg, model=profile.arms[a]), a, latents, out / "data" / "store", out, args.fresh, print)
+            for a in arms]  # fmt: skip
+    print("\n" + table(rows))
+
+    result = {"profile": name, "rows": rows, "minutes": (time.perf_counter() - t0) / 60, "machine": machine(),
+              "config": to_dict(cfg)}  # fmt: skip
+    path = args.json or Path(__file__).resolve().parent / "results" / f"compare_{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
+    path.with_suffix(".tmp").replace(path)
+    print(f"\ntable: {path}   ({result['minutes']:.0f} min)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""benchmarks/compare.py: its arms build the models they are named after; its timing and table helpers."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from fmrisynth.config import Config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
+
+
+@pytest.fixture(scope="module")
+def compare():
+    spec = importlib.util.spec_from_file_location("benchmarks_compare", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve their annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_every_arm_builds_at_its_profiles_latent_size(compare, profile):
+    import torch
+
+    from fmrisynth.config import load_config
+    from fmrisynth.models.presets import LATENT_SHAPES, build_denoiser
+
+    p = compare.PROFILES[profile]
+    shape = LATENT_SHAPES[load_config(None, p.overrides).data.grid]
+    for name, model_cfg in p.arms.items():
+        with torch.device("meta"):  # nothing allocated, even at 463M
+            model = build_denoiser(model_cfg, shape, n_classes=7)
+        if name in compare.ABLATIONS:
+            assert model.variant == name
+    assert {"ours", "monai-unet", *compare.ABLATIONS} <= set(p.arms)
+
+
+def test_step_seconds_is_the_median_after_the_warmup_window(compare, tmp_path):
+    rows = [{"step": 10 * i, "clips_per_s": cps} for i, cps in enumerate([0.1, 8.0, 4.0, 2.0], 1)]
+    (tmp_path / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = Config()  # batch_size 8, grad_accum 1: seconds per step = 8 / clips_per_s
+    assert compare.step_seconds(tmp_path, cfg) == pytest.approx(2.0)
+
+
+def test_table_has_one_line_per_arm_and_the_ceiling_last(compare):
+    row = {k: 0.5 for k in compare.COLUMNS} | {"params": 2.5e6}
+    ceiling = {"map_corr_mean": 0.9, "rsa": 0.95, "top1_map": 1.0, "hrf_corr_mean": 0.8}
+    rows = [row | {"arm": "ours", "ceiling": ceiling}, row | {"arm": "monai-unet", "ceiling": ceiling}]
+    lines = compare.table(rows).splitlines()
+    assert [line.split()[0] for line in lines[1:3]] == ["ours", "monai-unet"]
+    assert lines[-1].startswith("noise ceiling") and "2.50M" in lines[1]
+    assert lines[-1].split()[-1] == "0.800" and "0.950" in lines[-1]
