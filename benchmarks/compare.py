@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from fmrisynth.config import Config, ModelConfig, load_config, save_config, to_dict
+from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
 from fmrisynth.pipeline import METRICS, _stage, prepare_latents, sample_and_evaluate
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
@@ -40,7 +40,12 @@ ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
 @dataclass(frozen=True)
 class Profile:
-    """Config overrides (applied before the user's ``--set``) and the arms: name -> model config."""
+    """Overrides of the demo recipe (applied before the user's ``--set``) and the arms: name -> model.
+
+    Both profiles start from the demo recipe (``src/fmrisynth/configs/demo.yaml``): 20 simulated
+    subjects of which 8 are held out, so that the real maps, and with them the noise ceiling, are
+    reliable. Budgets are steps, not minutes: a busy machine is slower but reaches the same result.
+    """
 
     overrides: tuple[str, ...]
     arms: dict[str, ModelConfig]
@@ -48,19 +53,20 @@ class Profile:
 
 PROFILES = {
     # s3m (3.2M) and monai-tiny (2.3M) cost the same 0.8 GFLOPs per forward pass at the demo latent,
-    # so on CPU the two backbones meet at equal compute; the ablations are variants of s3m. Budgets
-    # are steps, not minutes, so that a busy machine is slower but reaches the same result.
+    # so on CPU the two backbones meet at equal compute; the ablations are variants of s3m.
     "cpu": Profile(
-        overrides=("data.grid=6mm", "sim.grid=6mm", "vae.preset=tiny", "vae_train.steps=300",
-                   "train.steps=600", "train.batch_size=8", "train.lr=2e-4", "train.ckpt_every=300"),
+        overrides=("vae_train.steps=300", "train.steps=600", "train.ckpt_every=300"),
         arms={"ours": ModelConfig("ours", "s3m"), "monai-unet": ModelConfig("monai-unet", "monai-tiny"),
               **{v: ModelConfig("ours", "s3m", v) for v in ABLATIONS}},
     ),
-    # The reference's sizes: ours at 463M and at 237M (the size of its baseline and ablations), the
-    # 237M MONAI U-Net, and the ablations re-widened to ~236.5M each.
+    # The reference's sizes at 2 mm: ours at 463M and at 237M (the size of its baseline and
+    # ablations), the 237M MONAI U-Net, and the ablations re-widened to ~236.5M each. The simulated
+    # dataset and clip store take about 45 GB of disk.
     "gpu": Profile(
-        overrides=("data.grid=2mm", "sim.grid=2mm", "vae.preset=base", "train.steps=20000",
-                   "train.batch_size=8", "train.lr=1e-4", "train.ckpt_every=2000", "train.amp=bf16"),
+        overrides=("sim.grid=2mm", "data.grid=2mm", "vae.preset=base", "vae_train.steps=20000",
+                   "vae_train.batch_size=16", "vae_train.lr=1e-4", "vae_train.warmup_steps=500",
+                   "vae_train.ckpt_every=2000", "train.steps=20000", "train.batch_size=8", "train.lr=1e-4",
+                   "train.ema_decay=0.9999", "train.ckpt_every=2000", "diffusion.sample_steps=50"),
         arms={"ours": ModelConfig("ours", "s463m"), "ours-237m": ModelConfig("ours", "s237m"),
               "monai-unet": ModelConfig("monai-unet", "monai-237m"),
               **{v: ModelConfig("ours", f"s237m-{v}") for v in ABLATIONS}},
@@ -70,6 +76,11 @@ COLUMNS = {  # row key -> table header
     "params": "params", "gflops": "GFLOPs", "step_s": "step s", "sample_s_per_clip": "sample s/clip",
     "map_corr_mean": "map r", "rsa": "RSA", "top1_map": "top1 map", "top1_clip": "top1 clip", "hrf_corr_mean": "HRF r",
 }  # fmt: skip
+
+
+def profile_config(name: str, overrides: list[str] = ()) -> Config:
+    """The resolved config of a profile: the demo recipe, the profile's overrides, then ``overrides``."""
+    return load_config(None, [*PROFILES[name].overrides, *overrides], base=packaged_config("demo"))
 
 
 def step_seconds(run: Path, cfg: Config) -> float:
@@ -101,19 +112,22 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
     from fmrisynth.models.presets import describe
 
     run = out / name
+    train, results = run / "diffusion", run / "results"
     info = describe(cfg.model, latents)
-    _stage(f"train {name}", run / "diffusion", fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
-    _stage(f"sample+evaluate {name}", run / "results", fresh, lambda d: sample_and_evaluate(cfg, run / "diffusion", store, d, log), log)
-    metrics = json.loads((run / "results" / "eval" / "metrics.json").read_text())
+    _stage(f"train {name}", train, fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
+    _stage(f"sample+evaluate {name}", results, fresh, lambda d: sample_and_evaluate(cfg, train, store, d, log), log)
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())
     return {
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
         "params": info["params"], "gflops": info["gflops"],
-        "step_s": step_seconds(run / "diffusion", cfg), "sample_s_per_clip": sampling_seconds_per_clip(run / "diffusion", cfg),
+        "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
         **{k: metrics.get(k) for k in METRICS},
         # the real data's own halves; for HRF r, how well the real ROI time course follows the canonical HRF
         "ceiling": {**{k: metrics["ceiling"][k] for k in ("map_corr_mean", "rsa", "top1_map")},
                     "hrf_corr_mean": metrics.get("hrf_corr_real_mean")},
         "n_real": metrics["n_real"], "n_generated": metrics["n_generated"],
+        # wall seconds of the stages (their last run, if resumed), from their .done markers
+        "train_s": float((train / ".done").read_text()), "eval_s": float((results / ".done").read_text()),
     }  # fmt: skip
 
 
@@ -140,17 +154,19 @@ def machine() -> dict:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {"torch": torch.__version__, "gpu": gpu, "cpu_threads": torch.get_num_threads(), "platform": platform.platform()}
+    return {"torch": torch.__version__, "gpu": gpu, "cpu_threads": torch.get_num_threads(),
+            "platform": platform.platform()}
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--gpu", action="store_true", help="the reference sizes at the 2 mm grid (default: CPU, tiny)")
     parser.add_argument("--out", type=Path, help="working directory (default runs/compare_<profile>)")
-    parser.add_argument("--arms", help=f"comma-separated subset of the profile's arms (CPU: {', '.join(PROFILES['cpu'].arms)})")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. train.steps=2000")
+    parser.add_argument("--arms", help=f"a subset of the profile's arms (CPU: {','.join(PROFILES['cpu'].arms)})")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, e.g. train.steps=2000")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--fresh", action="store_true", help="redo finished stages")
+    parser.add_argument("--fresh", action="store_true", help="redo finished stages (and accept a changed config)")
     parser.add_argument("--json", type=Path, help="table to write (default benchmarks/results/compare_<profile>.json)")
     args = parser.parse_args(argv)
 
@@ -160,10 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(arms) - set(profile.arms))
     if unknown:
         parser.error(f"unknown arm {unknown[0]!r}; the {name} profile has {', '.join(profile.arms)}")
-    cfg = load_config(None, [*profile.overrides, f"seed={args.seed}", *args.set])
+    cfg = profile_config(name, [f"seed={args.seed}", *args.set])
     out = args.out or Path("runs") / f"compare_{name}"
+    saved = out / "config.yaml"
+    if saved.is_file() and not args.fresh and load_config(saved) != cfg:
+        parser.error(f"{out} holds a comparison run with another config; pass --fresh or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    save_config(cfg, saved)
 
     t0 = time.perf_counter()
     latents = prepare_latents(cfg, out / "data", args.fresh, print)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fmrisynth.config import Config
+from fmrisynth.config import Config, load_config, save_config
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "compare.py"
 
@@ -25,17 +25,16 @@ def compare():
 def test_every_arm_builds_at_its_profiles_latent_size(compare, profile):
     import torch
 
-    from fmrisynth.config import load_config
     from fmrisynth.models.presets import LATENT_SHAPES, build_denoiser
 
-    p = compare.PROFILES[profile]
-    shape = LATENT_SHAPES[load_config(None, p.overrides).data.grid]
-    for name, model_cfg in p.arms.items():
+    shape = LATENT_SHAPES[compare.profile_config(profile).data.grid]
+    arms = compare.PROFILES[profile].arms
+    for name, model_cfg in arms.items():
         with torch.device("meta"):  # nothing allocated, even at 463M
             model = build_denoiser(model_cfg, shape, n_classes=7)
         if name in compare.ABLATIONS:
             assert model.variant == name
-    assert {"ours", "monai-unet", *compare.ABLATIONS} <= set(p.arms)
+    assert {"ours", "monai-unet", *compare.ABLATIONS} <= set(arms)
 
 
 def test_step_seconds_is_the_median_after_the_warmup_window(compare, tmp_path):
@@ -53,3 +52,11 @@ def test_table_has_one_line_per_arm_and_the_ceiling_last(compare):
     assert [line.split()[0] for line in lines[1:3]] == ["ours", "monai-unet"]
     assert lines[-1].startswith("noise ceiling") and "2.50M" in lines[1]
     assert lines[-1].split()[-1] == "0.800" and "0.950" in lines[-1]
+
+
+def test_a_run_directory_of_another_config_is_not_silently_reused(compare, tmp_path):
+    cfg = compare.profile_config("cpu", ["train.steps=5"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert load_config(tmp_path / "config.yaml") == cfg  # the same config would be reused
+    with pytest.raises(SystemExit):
+        compare.main(["--out", str(tmp_path), "--set", "train.steps=6"])
