@@ -94,7 +94,7 @@ def sampling_seconds_per_clip(run: Path, cfg: Config, n: int = 8) -> float:
     """Seconds to generate one latent clip, timed on a batch of ``n`` after a one-step warm-up."""
     import torch
 
-    from fmrisynth.stage2 import load_denoiser
+    from fmrisynth.generate.sample import load_denoiser
 
     den = load_denoiser(run)
     frames = den.info["latent_shape"][0]
@@ -108,13 +108,13 @@ def sampling_seconds_per_clip(run: Path, cfg: Config, n: int = 8) -> float:
 
 def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh: bool, log) -> dict:
     """Train one arm, time it, sample and evaluate it; return its row of the table."""
-    from fmrisynth import stage2
+    from fmrisynth.training.diffusion import train_diffusion
     from fmrisynth.models.presets import describe
 
     run = out / name
     train, results = run / "diffusion", run / "results"
     info = describe(cfg.model, latents)
-    _stage(f"train {name}", train, fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
+    _stage(f"train {name}", train, fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
     _stage(f"sample+evaluate {name}", results, fresh, lambda d: sample_and_evaluate(cfg, train, store, d, log), log)
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
     return {

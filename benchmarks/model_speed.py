@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from fmrisynth.config import Config, ModelConfig
-from fmrisynth.diffusion import Diffusion
+from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import LATENT_SHAPES, PRESETS, build_denoiser, count_params, gflops
 
 RESULTS = Path(__file__).resolve().parent / "results" / "model_speed.json"

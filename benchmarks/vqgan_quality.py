@@ -78,7 +78,7 @@ def group_maps(store, indices: np.ndarray, clips: np.ndarray, conditions: list[s
 def quality(run: Path, store_path: Path, split: str) -> tuple[dict, dict]:
     """Fidelity, codebook and GLM-map metrics on ``split``; also the arrays the figures need."""
     from fmrisynth.data.store import ClipStore
-    from fmrisynth.stage1 import load_vqgan
+    from fmrisynth.generate.codec import load_vqgan
 
     store = ClipStore(store_path)
     model = load_vqgan(run, store.mask)
@@ -213,8 +213,9 @@ def main() -> None:
     args = ap.parse_args()
 
     from fmrisynth.config import load_config, to_dict
-    from fmrisynth.stage1 import load_vqgan, train_vae
-    from fmrisynth.train import load_checkpoint
+    from fmrisynth.generate.codec import load_vqgan
+    from fmrisynth.training.vqgan import train_vae
+    from fmrisynth.training.loop import load_checkpoint
 
     result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     if args.train_minutes:

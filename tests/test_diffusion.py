@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from fmrisynth.config import DiffusionConfig
-from fmrisynth.diffusion import Diffusion, make_betas
+from fmrisynth.models.diffusion import Diffusion, make_betas
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.backbone import Backbone
 

@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from fmrisynth import stage1
+from fmrisynth.generate import codec
 from fmrisynth.cli import main
 from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.stage2 import design_boxcar, load_denoiser, sample, train_diffusion
+from fmrisynth.generate.sample import load_denoiser, sample
+from fmrisynth.training.diffusion import design_boxcar, train_diffusion
 
 CONDITIONS = ["MOTOR:rh", "WM:2bk_faces"]
 T, C, GRID, TR = 4, 2, (8, 8, 8), 0.72
@@ -57,8 +58,8 @@ def fake_vqgan(monkeypatch):
         up = z.mean(2).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
         return up * torch.from_numpy(model)
 
-    monkeypatch.setattr(stage1, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
-    monkeypatch.setattr(stage1, "decode", decode)
+    monkeypatch.setattr(codec, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
+    monkeypatch.setattr(codec, "decode", decode)
 
 
 def test_design_is_the_fraction_of_each_frame_inside_the_block():
@@ -120,7 +121,7 @@ def test_user_errors_are_clear_and_write_nothing(run, tmp_path, monkeypatch, cap
     def wrong_decoder(model, z):
         raise RuntimeError("expected input with 8 channels, got 2\nmore detail")
 
-    monkeypatch.setattr(stage1, "decode", wrong_decoder)
+    monkeypatch.setattr(codec, "decode", wrong_decoder)
     with pytest.raises(FmrisynthError, match="VQ-GAN cannot decode"):
         sample(run / "run", "MOTOR:rh", 1, out)
     assert not out.exists() or not any(out.iterdir())

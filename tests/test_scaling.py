@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.scaling import fit_scaling, predict
+from fmrisynth.evaluate.scaling import fit_scaling, predict
 
 
 def test_recovers_a_known_power_law():

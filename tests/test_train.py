@@ -12,7 +12,7 @@ from torch import nn
 
 from fmrisynth.config import Config, TrainConfig
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.train import Objective, fit, latest_checkpoint, load_checkpoint
+from fmrisynth.training.loop import Objective, fit, latest_checkpoint, load_checkpoint
 
 
 class Points(torch.utils.data.Dataset):
@@ -110,7 +110,7 @@ def test_two_process_ddp_on_cpu(tmp_path):
         import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
         import torch
         from test_train import Points, Regression, _cfg
-        from fmrisynth.train import fit
+        from fmrisynth.training.loop import fit
         torch.manual_seed(0)
         fit(Regression(), Points(), _cfg(steps=30), {str(tmp_path / "run")!r}, seed=0, progress=False)
     """))

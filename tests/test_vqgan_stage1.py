@@ -11,7 +11,8 @@ from fmrisynth.cli import main
 from fmrisynth.config import Config, TrainConfig, VQGANConfig
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.stage1 import decode, encode_store, load_vqgan, reconstruct_store, train_vae
+from fmrisynth.generate.codec import decode, encode_store, load_vqgan, reconstruct_store
+from fmrisynth.training.vqgan import train_vae
 
 GRID = (16, 20, 16)
 T = 4

@@ -106,7 +106,8 @@ def _prepare(args):
 def _train_vae(args):
     import shutil
 
-    from fmrisynth.stage1 import encode_store, train_vae
+    from fmrisynth.generate.codec import encode_store
+    from fmrisynth.training.vqgan import train_vae
 
     cfg = config_from(args, vae__preset=args.preset, vae_train__steps=args.steps)
     checkpoint = train_vae(cfg, args.store, args.out, resume=args.resume, progress=not args.quiet)
@@ -131,7 +132,7 @@ def _train_vae(args):
     )
 )
 def _train(args):
-    from fmrisynth.stage2 import train_diffusion
+    from fmrisynth.training.diffusion import train_diffusion
 
     cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
                       train__steps=args.steps)  # fmt: skip
@@ -154,7 +155,7 @@ def _train(args):
     )
 )
 def _sample(args):
-    from fmrisynth.stage2 import sample
+    from fmrisynth.generate.sample import sample
 
     paths = sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
                    sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration)  # fmt: skip

@@ -44,7 +44,8 @@ def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log
 
 def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[str], None] = print) -> Path:
     """simulate → prepare → train-vae → latent cache; returns the latent store (reused when done)."""
-    from fmrisynth import stage1
+    from fmrisynth.generate.codec import encode_store
+    from fmrisynth.training.vqgan import train_vae
     from fmrisynth.data.prepare import prepare
     from fmrisynth.data.simulator import simulate
 
@@ -58,9 +59,9 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
         prepare("hcp", out / "sim", d, cfg, progress=True)
 
     def vae_into(d: Path) -> None:
-        ckpt = stage1.train_vae(cfg, out / "store", d, resume=True)
+        ckpt = train_vae(cfg, out / "store", d, resume=True)
         shutil.rmtree(d / "latents", ignore_errors=True)
-        stage1.encode_store(ckpt, out / "store", d / "latents", splits=("train",))  # all stage 2 reads
+        encode_store(ckpt, out / "store", d / "latents", splits=("train",))  # all stage 2 reads
 
     _stage("simulate", out / "sim", fresh, simulate_into, log)
     _stage("prepare", out / "store", fresh, prepare_into, log)
@@ -70,9 +71,9 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
 
 def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, log: Callable[[str], None] = print) -> dict:
     """Sample every condition as often as the held-out set has clips of it; evaluate against them."""
-    from fmrisynth import stage2
     from fmrisynth.data.store import ClipStore
     from fmrisynth.evaluate.run import evaluate
+    from fmrisynth.generate.sample import sample
 
     real = ClipStore(store)
     samples = out / "samples"
@@ -80,7 +81,7 @@ def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, l
     for k, condition in enumerate(real.conditions):
         n = len(real.indices(split="test", condition=condition))
         if n:
-            stage2.sample(
+            sample(
                 checkpoint, condition, n, samples, guidance=cfg.diffusion.guidance, steps=cfg.diffusion.sample_steps,
                 sampler=cfg.diffusion.sampler, seed=cfg.seed + 1000 * k,
             )
@@ -104,7 +105,7 @@ def metric_table(metrics: dict) -> str:
 
 def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log: Callable[[str], None] = print) -> dict:
     """The whole chain on the embedded simulator within about ``minutes`` of wall-clock time."""
-    from fmrisynth import stage2
+    from fmrisynth.training.diffusion import train_diffusion
     from fmrisynth.evaluate.report import write_report
 
     t0 = time.perf_counter()
@@ -114,7 +115,7 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
     latents = prepare_latents(cfg, out, fresh, log)
     left = max(1.0, (1 - RESERVE_SHARE) * minutes - (time.perf_counter() - t0) / 60)
     cfg = replace(cfg, train=replace(cfg.train, max_minutes=left))
-    _stage("train", out / "diffusion", fresh, lambda d: stage2.train_diffusion(cfg, latents, d, resume=True), log)
+    _stage("train", out / "diffusion", fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
     metrics_file = out / "results" / "eval" / "metrics.json"
 
     def evaluate_into(d: Path) -> None:
@@ -145,9 +146,9 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
     Writes ``out/scaling.json``: {"rows": [{preset, params, gflops, steps, train_s, metrics...}],
     "fits": {metric: fit_scaling(...)}}; the data stages are shared by all sizes.
     """
-    from fmrisynth import stage2
+    from fmrisynth.training.diffusion import train_diffusion
     from fmrisynth.models.presets import describe
-    from fmrisynth.scaling import fit_scaling
+    from fmrisynth.evaluate.scaling import fit_scaling
 
     if len(sizes) < 2:
         raise FmrisynthError("scale needs at least two --sizes")
@@ -159,7 +160,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         run_cfg = replace(cfg, model=replace(cfg.model, preset=preset), train=replace(cfg.train, steps=steps))
         run = out / preset
         t0 = time.perf_counter()
-        _stage(f"train {preset}", run / "diffusion", False, lambda d: stage2.train_diffusion(run_cfg, latents, d, resume=True), log)
+        _stage(f"train {preset}", run / "diffusion", False, lambda d: train_diffusion(run_cfg, latents, d, resume=True), log)
         train_s = float((run / "diffusion" / ".done").read_text())
         metrics = sample_and_evaluate(run_cfg, run / "diffusion", out / "data" / "store", run, log)
         rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps,

@@ -162,7 +162,7 @@ def _scaling(scaling_dir: Path) -> str:
     """Each metric against parameters (log axis), with the fitted laws when scaling.json has them."""
     from matplotlib.figure import Figure
 
-    from fmrisynth.scaling import predict
+    from fmrisynth.evaluate.scaling import predict
 
     path = scaling_dir / "scaling.json"
     try:

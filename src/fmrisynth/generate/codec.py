@@ -1,11 +1,10 @@
-"""Stage 1 end to end: train the VQ-GAN on a clip store, cache latent clips, decode latents back.
+"""The stage-1 codec: load a trained VQ-GAN, cache latent clips, decode latents back to volumes.
 
-Hand-offs are files: ``train_vae`` writes a run directory (checkpoints, train_log.jsonl, config.yaml);
 ``encode_store`` turns a clip store into a *latent store* (a ClipStore of kind "latents": item
 (T, c, d, h, w) float16, the same manifest rows in the same order, and per-channel latent mean/std
 over the train split for the diffusion stage to normalise with); ``decode`` maps generated latents
 back to volumes; ``reconstruct_store`` writes decoded clips as a clip store, so that
-``fmrisynth evaluate --generated`` measures the compression ceiling of stage 1.
+``fmrisynth evaluate`` measures what decoding alone loses (the ``codec`` reference).
 """
 
 from __future__ import annotations
@@ -16,67 +15,11 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from fmrisynth.config import Config
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.vqgan import VQGAN
-from fmrisynth.models.vqgan_loss import VQGANLoss
-from fmrisynth.train import Objective, fit, load_checkpoint
-
-
-class VQGANObjective(Objective):
-    """The two-player VQ-GAN objective for ``fit``: part "vqgan" (generator), then part "disc".
-
-    The generator pass caches its reconstructions (detached, per micro-batch) so the discriminator
-    pass of the same step does not run the VQ-GAN again.
-    """
-
-    parts = ("vqgan", "disc")
-    ema_target = None
-
-    def __init__(self, vqgan: VQGAN, loss: VQGANLoss):
-        super().__init__()
-        self.vqgan, self.loss = vqgan, loss
-        self._fakes: dict[int, torch.Tensor] = {}
-        self._fakes_step = -1
-
-    def parameters_of(self, part: str):
-        return self.vqgan.parameters() if part == "vqgan" else self.loss.discriminator.parameters()
-
-    def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
-        x = batch["x"]  # (B, 1, D, H, W)
-        if part == "vqgan":
-            recon, codebook_loss, info = self.vqgan(x)  # (B, 1, D, H, W)
-            if step != self._fakes_step:
-                self._fakes, self._fakes_step = {}, step
-            self._fakes[id(x)] = recon.detach()
-            loss, logs = self.loss.generator_loss(
-                x, recon, codebook_loss, self.vqgan.mask, step, self.vqgan.decoder.conv_out.weight
-            )
-            return loss, {**logs, "perplexity": info["perplexity"].item(), "codes_used": info["codes_used"].item()}
-        fake = self._fakes.pop(id(x), None)
-        if fake is None:
-            with torch.no_grad():
-                fake = self.vqgan(x)[0]
-        return self.loss.discriminator_loss(x, fake, step)
-
-
-def _clip_store(path: Path) -> ClipStore:
-    store = ClipStore(path)
-    if store.kind != "clips" or store.mask is None:
-        raise FmrisynthError(f"expected a clip store (from `fmrisynth prepare`), found kind {store.kind!r}", path)
-    return store
-
-
-def train_vae(cfg: Config, store: Path, out: Path, resume: bool = False, progress: bool = True) -> Path:
-    """Train the VQ-GAN of ``cfg.vae`` on the train-split frames of ``store``; return the last checkpoint."""
-    from fmrisynth.data.dataset import ClipDataset
-
-    clips = _clip_store(Path(store))
-    torch.manual_seed(cfg.seed)
-    objective = VQGANObjective(VQGAN(cfg.vae, clips.mask), VQGANLoss(cfg.vae))
-    dataset = ClipDataset(clips, split="train", frames=True)
-    return fit(objective, dataset, cfg.vae_train, Path(out), cfg.seed, resume=resume, config=cfg, desc="train-vae", progress=progress)
+from fmrisynth.training.loop import load_checkpoint
+from fmrisynth.training.vqgan import require_clip_store
 
 
 def load_vqgan(checkpoint: Path, mask: np.ndarray | None = None) -> VQGAN:
@@ -143,7 +86,7 @@ def encode_store(
     split's latents. Stage 2 trains on the train split only, so ``splits=("train",)`` saves the time of
     encoding held-out clips nothing downstream reads. Returns ``out``.
     """
-    clips = _clip_store(Path(clip_store))
+    clips = require_clip_store(Path(clip_store))
     model = load_vqgan(vqgan_checkpoint, clips.mask).to(_device())
     c, f = model.quantizer.codebook.shape[1], model.downsample
     item_shape = (clips.item_shape[0], c, *(s // f for s in clips.grid_shape))
@@ -183,7 +126,7 @@ def reconstruct_store(
     vqgan_checkpoint: Path, clip_store: Path, out: Path, split: str | None = "test", progress: bool = True, batch: int = 32
 ) -> Path:
     """Write the VQ-GAN reconstructions (encode, quantise, decode) of a split as a clip store at ``out``."""
-    clips = _clip_store(Path(clip_store))
+    clips = require_clip_store(Path(clip_store))
     model = load_vqgan(vqgan_checkpoint, clips.mask).to(_device())
     indices = clips.indices(split=split)
     if len(indices) == 0:
