@@ -8,7 +8,10 @@ the handlers so that ``fmrisynth --help`` answers instantly.
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +40,83 @@ def arguments(add: Callable[[argparse.ArgumentParser], None]):
     return attach
 
 
+# --- argument types and output checks: every refusal is one line, before anything is created ---
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``fmrisynth sample: error: argument --n: ...``), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def finite_float(text: str) -> float:
+    """A float that is neither NaN nor infinite."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be > 0")
+    return value
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} must be at least {low}")
+        return value
+
+    parse.__name__ = "positive_int" if low == 1 else "nonnegative_int"
+    return parse
+
+
+positive_int = _int_at_least(1)
+nonnegative_int = _int_at_least(0)
+
+# What each verb's --out must be: "dir" (created if absent, reused if present), "new" (must not
+# exist yet) or "file". Verbs not listed take a directory.
+OUT_KIND = {"prepare": "new", "report": "file"}
+
+
+def check_out(path: Path, kind: str = "dir") -> None:
+    """Refuse an output path that cannot be written, in one line, before anything is created.
+
+    Catches a path under an existing file, a directory where a file is needed and the reverse, an
+    existing store where a new one is needed, and a read-only or non-writable location.
+    """
+    path = Path(path)
+    try:
+        if path.exists():
+            if kind == "file" and path.is_dir():
+                raise FmrisynthError("is a directory; --out must name a file (e.g. report.html)", path)
+            if kind != "file" and not path.is_dir():
+                raise FmrisynthError("exists and is not a directory; --out must name a directory", path)
+            if kind == "new":
+                raise FmrisynthError("already exists; choose another --out or remove it", path)
+        start = path.parent if kind == "file" or not path.exists() else path
+        existing = next(p for p in (start.absolute(), *start.absolute().parents) if p.exists())
+        if not existing.is_dir():
+            raise FmrisynthError(f"cannot be created: {existing} is a file, not a directory", path)
+        if os.statvfs(existing).f_flag & os.ST_RDONLY:
+            raise FmrisynthError(f"cannot be written: {existing} is on a read-only file system", path)
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise FmrisynthError(f"cannot be written: no write permission in {existing}", path)
+    except OSError as e:
+        raise FmrisynthError(f"cannot be used as output ({e.strerror or e})", path) from None
+
+
 def config_from(args: argparse.Namespace, base: Path | None = None, **flags: object):
     """Resolved config: ``base`` preset, YAML, --set, then the verb's own flags (``section__key=value``)."""
     from fmrisynth.config import load_config
@@ -58,7 +138,7 @@ def config_from(args: argparse.Namespace, base: Path | None = None, **flags: obj
 @arguments(
     lambda p: (
         p.add_argument("--out", type=Path, required=True, help="dataset root to create"),
-        p.add_argument("--subjects", type=int, help="number of subjects (default 10)"),
+        p.add_argument("--subjects", type=positive_int, help="number of subjects (default 10)"),
         p.add_argument("--tasks", help="hcp7 or all (the seven HCP paradigms), or a list such as MOTOR,WM"),
         p.add_argument("--grid", help="2mm (the real HCP grid), 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
         p.add_argument("--runs", help="phase encodings, e.g. LR,RL"),
@@ -80,8 +160,8 @@ def _simulate(args):
         p.add_argument("root", type=Path, help="dataset root"),
         p.add_argument("--out", type=Path, required=True, help="clip store to create"),
         p.add_argument("--grid", help="2mm, 6mm or <mm>mm:<D>x<H>x<W>"),
-        p.add_argument("--clip-len", type=int, help="frames per clip (default 20)"),
-        p.add_argument("--conditions", help="hcp7, hcp24 or all"),
+        p.add_argument("--clip-len", type=positive_int, help="frames per clip (default 20)"),
+        p.add_argument("--conditions", help="hcp7, hcp24 or all (default: hcp7 for hcp, all for bids)"),
         p.add_argument("--quiet", action="store_true", help="no progress bar"),
     )
 )
@@ -98,7 +178,7 @@ def _prepare(args):
         p.add_argument("--store", type=Path, required=True, help="clip store from `fmrisynth prepare`"),
         p.add_argument("--out", type=Path, required=True, help="run directory; the latent store goes to OUT/latents"),
         p.add_argument("--preset", help="tiny (CPU) or base"),
-        p.add_argument("--steps", type=int, help="training steps (vae_train.steps)"),
+        p.add_argument("--steps", type=positive_int, help="training steps (vae_train.steps)"),
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
         p.add_argument("--quiet", action="store_true", help="no progress bars"),
     )
@@ -126,7 +206,7 @@ def _train_vae(args):
         p.add_argument("--preset", help="model size, see `fmrisynth presets` (default tiny)"),
         p.add_argument("--backbone", choices=["ours", "monai-unet"]),
         p.add_argument("--variant", choices=["hybrid", "all-cnn", "all-transformer", "adaln-only", "xattn-only"]),
-        p.add_argument("--steps", type=int, help="training steps (train.steps)"),
+        p.add_argument("--steps", type=positive_int, help="training steps (train.steps)"),
         p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
         p.add_argument("--quiet", action="store_true", help="no progress bar"),
     )
@@ -145,12 +225,12 @@ def _train(args):
     lambda p: (
         p.add_argument("--checkpoint", type=Path, required=True, help="run directory of `fmrisynth train` or a checkpoint"),
         p.add_argument("--condition", required=True, help="e.g. MOTOR:rh"),
-        p.add_argument("--n", type=int, default=8, help="clips to generate"),
-        p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the run's, 2.0)"),
-        p.add_argument("--steps", type=int, help="sampling steps (default 50)"),
+        p.add_argument("--n", type=positive_int, default=8, help="clips to generate"),
+        p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the run's, 2.0)"),
+        p.add_argument("--steps", type=positive_int, help="sampling steps (default 50)"),
         p.add_argument("--sampler", choices=["ddpm", "ddim"]),
-        p.add_argument("--onset", type=float, help="block onset in s from the first frame (default: drawn from training)"),
-        p.add_argument("--duration", type=float, help="block duration in s (default: drawn from training)"),
+        p.add_argument("--onset", type=finite_float, help="block onset in s from the first frame (default: drawn from training)"),
+        p.add_argument("--duration", type=positive_float, help="block duration in s (default: drawn from training)"),
         p.add_argument("--out", type=Path, required=True),
     )
 )
@@ -199,7 +279,7 @@ def _report(args):
 @arguments(
     lambda p: (
         p.add_argument("--out", type=Path, default=Path("runs/demo")),
-        p.add_argument("--minutes", type=float, help="wall-clock budget for the whole run"),
+        p.add_argument("--minutes", type=positive_float, help="wall-clock budget for the whole run"),
         p.add_argument("--fresh", action="store_true", help="redo finished stages"),
     )
 )
@@ -253,7 +333,7 @@ def _presets(args):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="fmrisynth",
         description="Generate realistic whole-brain task fMRI and evaluate it like a neuroscientist.",
     )
@@ -262,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (help_text, add_arguments) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument("--config", type=Path, help="YAML config (overrides the defaults)")
-        p.add_argument("--seed", type=int, help="one seed for numpy and torch")
+        p.add_argument("--seed", type=nonnegative_int, help="one seed for numpy and torch")
         p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override, e.g. train.steps=500")
         add_arguments(p)
     return parser
@@ -274,10 +354,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
+    prefix = f"fmrisynth {args.verb}"
     try:
-        return int(HANDLERS[args.verb](args) or 0)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: print(f"{prefix}: warning: {message}", file=sys.stderr)
+            if getattr(args, "out", None) is not None:
+                check_out(args.out, OUT_KIND.get(args.verb, "dir"))
+            return int(HANDLERS[args.verb](args) or 0)
     except FmrisynthError as e:
-        print(f"fmrisynth {args.verb}: error: {e}", file=sys.stderr)
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # the file system failed us mid-run (disk full, permissions changed): one line too
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{prefix}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"fmrisynth {args.verb}: interrupted", file=sys.stderr)

@@ -15,6 +15,7 @@ and a command-line override is a dotted path: ``train.steps=2000``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,7 +49,9 @@ class DataConfig:
 
     grid: str = "6mm"  # "2mm" (MNI 96x112x96), "6mm" (demo, 32x40x32) or "<mm>mm:<D>x<H>x<W>"
     clip_len: int = 20  # frames per clip (T)
-    conditions: str = "hcp7"  # "hcp7", "hcp24" or "all" (every condition found in the events)
+    # "auto": hcp7 for --source hcp, every condition in the events for --source bids; or
+    # "hcp7", "hcp24", "all" (every condition found in the events)
+    conditions: str = "auto"
     normalise: str = "zscore"  # voxelwise, per run: "zscore", "psc" (percent signal change) or "none"
     strategy: str = "block"  # "block": clips aligned to block onsets
     jitter_frames: int = 2  # the block onset falls uniformly in frames [0, jitter] of the clip
@@ -190,8 +193,13 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if tp in (int, float, str):
             if tp is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
-            return tp(value)
-    except (TypeError, ValueError):
+            if tp is not str and isinstance(value, bool):
+                raise ValueError(value)
+            value = tp(value)
+            if tp is float and not math.isfinite(value):
+                raise FmrisynthError(f"config {where}: {value} is not a finite number")
+            return value
+    except (TypeError, ValueError, OverflowError):
         raise FmrisynthError(f"config {where}: cannot read {value!r} as {tp.__name__}") from None
     return value
 
@@ -263,7 +271,53 @@ def load_config(
                 raise FmrisynthError(f"override {item!r}: unknown section {p!r}")
             node = node[p]
         node[leaf] = yaml.safe_load(value) if value else value
-    return _from_dict(Config, tree)
+    return validate(_from_dict(Config, tree))
+
+
+def _require(ok: bool, where: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise FmrisynthError(f"config {where}: must be {rule}, got {value!r}")
+
+
+def _validate_train(t: TrainConfig, name: str) -> None:
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts"):
+        _require(getattr(t, key) >= 1, f"{name}.{key}", ">= 1", getattr(t, key))
+    for key in ("warmup_steps", "num_workers", "weight_decay", "grad_clip"):
+        _require(getattr(t, key) >= 0, f"{name}.{key}", ">= 0", getattr(t, key))
+    _require(t.lr > 0, f"{name}.lr", "> 0", t.lr)
+    _require(0 <= t.ema_decay < 1, f"{name}.ema_decay", "in [0, 1)", t.ema_decay)
+    _require(t.amp in ("auto", "bf16", "off"), f"{name}.amp", "auto, bf16 or off", t.amp)
+    _require(t.max_minutes is None or t.max_minutes > 0, f"{name}.max_minutes", "> 0 or none", t.max_minutes)
+
+
+def validate(cfg: Config) -> Config:
+    """Refuse values no stage can run with, in one line naming the key, before anything is created.
+
+    Checks what is cheap to know from the config alone (counts, rates, probabilities, choices);
+    names that need a registry (presets, grids, condition sets) are checked where they are used.
+    Non-finite floats never get here: reading the config refuses them.
+    """
+    _require(cfg.seed >= 0, "seed", ">= 0", cfg.seed)
+    _require(cfg.sim.subjects >= 1, "sim.subjects", ">= 1", cfg.sim.subjects)
+    d = cfg.data
+    _require(d.clip_len >= 1, "data.clip_len", ">= 1", d.clip_len)
+    _require(d.jitter_frames >= 0, "data.jitter_frames", ">= 0", d.jitter_frames)
+    _require(min(d.split) >= 0 and sum(d.split) > 0, "data.split", "three fractions >= 0, not all 0", d.split)
+    v = cfg.vae
+    for key in ("latent_channels", "codebook_size"):
+        _require(getattr(v, key) >= 1, f"vae.{key}", ">= 1", getattr(v, key))
+    for key in ("commitment", "l2_weight", "adv_weight", "disc_start", "dead_code_threshold"):
+        _require(getattr(v, key) >= 0, f"vae.{key}", ">= 0", getattr(v, key))
+    _require(0 <= v.ema_decay < 1, "vae.ema_decay", "in [0, 1)", v.ema_decay)
+    f = cfg.diffusion
+    _require(f.num_steps >= 1, "diffusion.num_steps", ">= 1", f.num_steps)
+    _require(f.sample_steps >= 1, "diffusion.sample_steps", ">= 1", f.sample_steps)
+    _require(0 < f.beta_start <= f.beta_end < 1, "diffusion.beta_start/beta_end", "0 < start <= end < 1",
+             (f.beta_start, f.beta_end))  # fmt: skip
+    _require(0 <= f.cond_drop <= 1, "diffusion.cond_drop", "in [0, 1]", f.cond_drop)
+    _validate_train(cfg.vae_train, "vae_train")
+    _validate_train(cfg.train, "train")
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> Path:
