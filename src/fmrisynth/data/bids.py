@@ -80,7 +80,9 @@ def read_sidecar(bold: Path, root: Path) -> dict:
 def find_runs(root: Path) -> list[Run]:
     """Every BOLD run with events under ``root``, validated from headers only.
 
-    Runs without an events file (resting state) carry no labels and are skipped with a warning.
+    Resting-state runs (a task name starting with "rest") without events carry no labels and are
+    skipped with a warning; any other run without an events file, or whose events file holds no
+    event, is an error (its clips would silently be missing).
     """
     root = Path(root)
     if not root.is_dir():
@@ -95,11 +97,15 @@ def find_runs(root: Path) -> list[Run]:
             continue
         events_files = inherited(bold, root, "events", ".tsv")
         if not events_files:
-            warnings.warn(f"{bold}: no events file, run skipped", stacklevel=2)
-            continue
+            if ents["task"].lower().startswith("rest"):
+                warnings.warn(f"{bold}: resting-state run without events, skipped", stacklevel=2)
+                continue
+            raise FmrisynthError("task run without an events file (*_events.tsv beside it or above it)", bold)
         img = open_image(bold)
         tr = check_tr(read_sidecar(bold, root).get("RepetitionTime"), img, bold, "sidecar RepetitionTime")
         events = read_events(events_files[-1], ents["task"])
+        if not any(events.values()):
+            raise FmrisynthError("events file has no event with a trial_type", events_files[-1])
         check_events(events, img.shape[3], tr, events_files[-1])
         run_label = "_".join(f"{k}-{v}" for k, v in ents.items() if k not in ("sub", "task")) or "1"
         runs.append(

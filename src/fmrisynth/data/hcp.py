@@ -72,6 +72,9 @@ def find_runs(root: Path) -> list[Run]:
                 condition = f"{m.group(1)}:{ev.stem}"
                 events[condition] = read_ev(ev)
                 check_events({condition: events[condition]}, img.shape[3], tr, ev)
+        if not any(events.values()):  # a task run without timings would silently yield no clips
+            what = "its EVs/ folder holds no event" if (folder / "EVs").is_dir() else "it has no EVs/ folder"
+            raise FmrisynthError(f"task run without events: {what} (<ev>.txt: onset duration amplitude)", folder)
         runs.append(
             Run(
                 path=path,

@@ -154,6 +154,8 @@ def load_run(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
         raise FmrisynthError(f"corrupt or truncated image data ({type(e).__name__}: {e})", run.path) from None
     finite = np.isfinite(data)
     if finite.all():
+        if not data.any():
+            warnings.warn(f"{run.path}: every value of the run is 0; its clips carry no signal", stacklevel=2)
         return data, None
     if not finite.any():
         raise FmrisynthError("every value of the run is NaN or Inf", run.path)

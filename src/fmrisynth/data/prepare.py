@@ -17,6 +17,7 @@ still hold the tail of the preceding block's haemodynamic response, as fixation 
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from fmrisynth.tasks import condition_set
 
 SPLITS = ("train", "val", "test")
 REST = "rest"
+DEFAULT_CONDITIONS = {"hcp": "hcp7", "bids": "all"}  # what data.conditions "auto" means per source
+MIN_COVERAGE = 0.8  # a run whose own brain covers less of the brain mask may not be in MNI space: warn
 
 
 @dataclass(frozen=True)
@@ -138,15 +141,22 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
     grid = get_grid(d.grid)
     runs = find_runs(source, Path(root))
     check_affines(runs)
-    conditions, missing = choose_conditions(runs, d.conditions, d.rest_clips, root)
-    subjects = sorted({r.subject for r in runs})
-    split_by = "subject" if len(subjects) > 1 else "run"
-    unit = (lambda r: r.subject) if split_by == "subject" else (lambda r: r.key)
-    splits = split_units(sorted({unit(r) for r in runs}), d.split, cfg.seed)
+    condition_set = DEFAULT_CONDITIONS.get(source, "all") if d.conditions == "auto" else d.conditions
+    conditions, missing = choose_conditions(runs, condition_set, d.rest_clips, root)
     plans = [(run, plan_clips(run, conditions, d.clip_len, d.jitter_frames, cfg.seed)) for run in runs]
     plans = [(run, clips) for run, clips in plans if clips]
     if not plans:
         raise FmrisynthError("no clips to cut: no run has an event of the chosen conditions", root)
+    # Split only what yields clips, so a subject without the chosen conditions takes no split's place.
+    split_by = "subject" if len({run.subject for run, _ in plans}) > 1 else "run"
+    unit = (lambda r: r.subject) if split_by == "subject" else (lambda r: r.key)
+    splits = split_units(sorted({unit(run) for run, _ in plans}), d.split, cfg.seed)
+    if not any(splits[unit(run)] == "train" for run, _ in plans):
+        raise FmrisynthError(
+            f"no training clips: every {split_by} with clips went to val/test (data.split {tuple(d.split)}); "
+            "give the train split a share",
+            root,
+        )
 
     mask = load_mask(d.mask, grid)
     counts = {c: dict.fromkeys(SPLITS, 0) for c in conditions}
@@ -163,19 +173,33 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
         "voxels": int(mask.sum()),
         "tr": trs[0] if len(trs) == 1 else trs,
         "clip_len": d.clip_len,
+        "condition_set": condition_set,
         "conditions": conditions,
         "missing_conditions": missing,
         "counts": counts,
         "nan_voxels_masked": 0,
+        "min_mask_coverage": None,  # the lowest fraction of the brain mask a run's own brain covers
+        "runs_off_mask": 0,  # runs below MIN_COVERAGE: perhaps not in MNI space
     }
     meta = {"grid": grid.name, "voxel_mm": grid.voxel_mm, "split_by": split_by, "config": to_dict(cfg)}
     writer = StoreWriter(out, (d.clip_len, int(mask.sum())), grid.affine, grid.shape, conditions, mask=mask, meta=meta)
     volumes = 0
     with writer, tqdm(plans, desc="prepare", unit="run", disable=not progress) as bar:
         for run, clips in bar:
-            x, dropped = preprocess_run(run, grid, mask, d.normalise)  # (T_run, V)
+            x, dropped, coverage = preprocess_run(run, grid, mask, d.normalise)  # (T_run, V)
             volumes += run.n_frames
             summary["nan_voxels_masked"] += dropped
+            if coverage is not None:
+                low = summary["min_mask_coverage"]
+                summary["min_mask_coverage"] = round(coverage if low is None else min(low, coverage), 3)
+                if coverage < MIN_COVERAGE and not summary["runs_off_mask"]:
+                    warnings.warn(
+                        f"{run.path}: its brain covers only {coverage:.0%} of the "
+                        f"{'MNI' if d.mask is None else 'given'} brain mask on the {grid.name} grid; "
+                        "is it in MNI space? Native-space data are resampled as if they were",
+                        stacklevel=2,
+                    )
+                summary["runs_off_mask"] += coverage < MIN_COVERAGE
             split = splits[unit(run)]
             for clip in clips:
                 writer.add(
@@ -208,6 +232,11 @@ def format_summary(s: dict) -> str:
     ]
     if s["nan_voxels_masked"]:
         lines.append(f"masked out {s['nan_voxels_masked']} voxel(s) touched by NaN/Inf (summed over runs)")
+    if s.get("runs_off_mask"):
+        lines.append(
+            f"{s['runs_off_mask']} of {s['runs']} runs cover under {MIN_COVERAGE:.0%} of the brain mask (lowest "
+            f"{s['min_mask_coverage']:.0%}): check that the data are in MNI space"
+        )
     if s["missing_conditions"]:
         lines.append(f"not in the data: {', '.join(s['missing_conditions'])}")
     width = max(len(c) for c in s["counts"])
