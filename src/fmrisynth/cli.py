@@ -187,15 +187,21 @@ def _train_vae(args):
     import shutil
 
     from fmrisynth.generate.codec import encode_store
+    from fmrisynth.training.loop import is_main, main_only
     from fmrisynth.training.vqgan import train_vae
 
     cfg = config_from(args, vae__preset=args.preset, vae_train__steps=args.steps)
     checkpoint = train_vae(cfg, args.store, args.out, resume=args.resume, progress=not args.quiet)
     latents = args.out / "latents"
-    if args.resume:  # latents of an earlier checkpoint are stale
-        shutil.rmtree(latents, ignore_errors=True)
-    encode_store(checkpoint, args.store, latents, progress=not args.quiet)
-    print(f"checkpoint: {checkpoint}\nlatent store: {latents}")
+
+    def encode() -> None:  # under torchrun: rank 0 only, the other ranks wait
+        if args.resume:  # latents of an earlier checkpoint are stale
+            shutil.rmtree(latents, ignore_errors=True)
+        encode_store(checkpoint, args.store, latents, progress=not args.quiet)
+
+    main_only(encode)
+    if is_main():
+        print(f"checkpoint: {checkpoint}\nlatent store: {latents}")
 
 
 @verb("train", "train the stage-2 latent diffusion model on a latent store")

@@ -1,7 +1,9 @@
 """The torch view of a clip store: whole clips for the diffusion model, single frames for the VQ-GAN.
 
 Items are read from the store's memory map on demand, so memory stays bounded by the batch, not
-the dataset; the labels are copied out of the manifest once, as arrays.
+the dataset; the labels are copied out of the manifest once, as arrays. Every item is checked finite
+as it is read: one NaN clip would otherwise turn a training run's weights into NaN (or, through the
+VQ-GAN, give NaN latents) with no word about which clip did it.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ class ClipDataset(Dataset):
         else:
             x = self.store.frame(i, t)  # (D, H, W) or latent (c, d, h, w)
             x = x[None] if self.store.mask is not None else x  # (1, D, H, W)
+        if not np.isfinite(x).all():
+            raise self._not_finite(i)
         item = {
             "x": torch.from_numpy(x),
             "label": torch.tensor(self.labels[j]),
@@ -67,3 +71,14 @@ class ClipDataset(Dataset):
         if t is not None:
             item["frame"] = t
         return item
+
+    def _not_finite(self, i: int) -> FmrisynthError:
+        row = self.store.manifest.iloc[i]
+        return FmrisynthError(f"clip {i} (subject {row['subject']}, {row['condition']}) has non-finite values; "
+                              "re-run `fmrisynth prepare` or drop it", self.store.path)  # fmt: skip
+
+    def check_finite(self) -> None:
+        """Read every clip of the split once and refuse the first non-finite one (before training starts)."""
+        for i in self.rows:
+            if not np.isfinite(self.store.item(int(i))).all():
+                raise self._not_finite(int(i))

@@ -132,6 +132,15 @@ def _broadcast(*tensors: torch.Tensor) -> None:
             dist.broadcast(t, 0)
 
 
+def _gather(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's rows of t, in rank order: what one process would hold for the global batch."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
 def _all_reduce(*tensors: torch.Tensor) -> None:
     if dist.is_available() and dist.is_initialized():
         for t in tensors:
@@ -181,7 +190,8 @@ class Quantizer(nn.Module):
         n, sums = onehot.sum(0), onehot.t() @ flat  # (K,), (K, c)
         _all_reduce(n, sums)
         if not self.initialised:  # data-dependent init: codes at random encoder outputs, equal shares
-            self.codebook.data.copy_(flat[torch.randint(len(flat), (self.size,), device=flat.device)])
+            pool = _gather(flat)  # rank 0 draws from the global batch, as a single process would
+            self.codebook.data.copy_(pool[torch.randint(len(pool), (self.size,), device=flat.device)])
             _broadcast(self.codebook.data)
             self.counts.fill_(n.sum().item() / self.size)
             if self.ema:
@@ -194,7 +204,8 @@ class Quantizer(nn.Module):
             self.codebook.copy_(self.code_sum / self.counts.clamp(min=1e-12)[:, None])
         dead = self.counts < self.dead_threshold * self.counts.mean()
         if dead.any():
-            picks = flat[torch.randint(len(flat), (int(dead.sum()),), device=flat.device)]
+            pool = _gather(flat)
+            picks = pool[torch.randint(len(pool), (int(dead.sum()),), device=flat.device)]
             self.codebook.data[dead] = picks + 1e-3 * picks.std() * torch.randn_like(picks)
             self.counts[dead] = self.counts.mean()
             if self.ema:

@@ -1,29 +1,44 @@
 """The one training loop of fmrisynth, for both stages: CPU, one GPU, or torchrun + DDP.
 
 A stage describes *what* it trains as an ``Objective`` (networks as submodules, a loss per optimiser
-"part"); ``fit`` owns *how*: device, DDP, AMP, AdamW per part with linear warm-up, gradient
-accumulation and clipping, an EMA copy with decay warm-up, progress bar, ``train_log.jsonl``,
-atomic checkpoints and exact resume.
+"part"); ``fit`` owns *how*: device, DDP, autocast, AdamW per part with linear warm-up, gradient
+accumulation and clipping, an EMA copy with decay warm-up, ``train_log.jsonl``, checkpoints
+(``training.checkpoint``) and exact resume.
 
-Checkpoint layout (``<out>/checkpoints/step_NNNNNN/``, written to a temporary name then renamed)::
+Randomness contract (what makes resume and torchrun exact):
 
-    weights.safetensors   objective.state_dict() (every part)
-    ema.safetensors       EMA of the ``ema_target`` submodule (keys without prefix), if kept
-    state.pt              step, optimisers, grad scaler, RNG states
-    config.yaml           the resolved Config of the run
+- Data order is a pure function of (seed, epoch). Step s reads one *global* batch of
+  ``batch_size x ranks`` items per micro-batch; rank r takes its r-th slice (``_batches``). The
+  DataLoader gets its own generator, so building its iterator (at resume, at each epoch) draws
+  nothing from torch's global RNG.
+- ``objective.generator`` is one ``torch.Generator`` per run on the training device, seeded with the
+  run's seed, identical on every rank and saved in state.pt. Objectives draw their noise through
+  ``objective.randn / rand / randint(shape of the LOCAL batch)``: each call draws the noise of the
+  whole global batch (first dim x ranks) from that generator and returns this rank's slice, so N
+  processes x batch B see exactly the noise of 1 process x batch N·B, and a resumed run the noise of
+  an uninterrupted one. Draws must be made in the same order on every rank (one call per micro-batch).
+- torch's global RNG is seeded with seed + rank (rank 0 = a single process) and restored per rank on
+  resume; it serves dropout and model-internal draws (the VQ-GAN's code restarts, made on rank 0 and
+  broadcast), not the objective's noise.
 
-Data order is a pure function of (seed, epoch), so a resumed run sees the batches it would have
-seen had it never stopped; on CPU the same seed gives the same training curve.
+Under torchrun only rank 0 writes run files (config.yaml, train_log.jsonl, checkpoints) and shows
+progress; ``is_main()``, ``barrier()`` and ``main_only(fn)`` give callers the same rule (the latent
+store is encoded by rank 0 while the others wait). The logged loss and logs are means over ranks, so
+an objective's logs must have the same keys on every rank. ``default_device()`` and
+``autocast(device, amp)`` are the one place for the device and AMP choice (all from
+``training.distributed``, re-exported here). ``check_train_config`` refuses impossible settings;
+call it before writing anything a run depends on.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
-import os
+import math
 import random
-import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import fields
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -32,8 +47,32 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fmrisynth.config import Config, TrainConfig, load_config, save_config
+from fmrisynth.config import Config, TrainConfig, save_config, to_dict
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.training.checkpoint import (  # noqa: F401  (re-exported: the loop's public API)
+    Checkpoint,
+    clean_stale,
+    latest_checkpoint,
+    load_checkpoint,
+    load_state,
+    resume_point,
+    save_checkpoint,
+)
+from fmrisynth.training.distributed import (  # noqa: F401  (re-exported)
+    autocast,
+    barrier,
+    default_device,
+    init_distributed,
+    is_main,
+    main_only,
+    mean_over_ranks,
+    rank_and_world,
+)
+
+LOG = "train_log.jsonl"
+
+
+# --- objective ------------------------------------------------------------------------------------
 
 
 class Objective(nn.Module):
@@ -42,10 +81,18 @@ class Objective(nn.Module):
     Attributes:
         parts: one AdamW optimiser per part, stepped in this order every step (a GAN has two).
         ema_target: attribute name of the submodule to keep an EMA copy of; None for no EMA.
+        config_sections: the Config sections that define the networks (e.g. ("vae",)); ``--resume``
+            refuses a config that differs from the checkpoint's in them.
+        generator: the run's noise generator (set by ``fit``; see the module docstring).
     """
 
     parts: tuple[str, ...] = ("model",)
     ema_target: str | None = "model"
+    config_sections: tuple[str, ...] = ()
+
+    def __init__(self):
+        super().__init__()
+        self.generator = torch.Generator().manual_seed(0)
 
     def parameters_of(self, part: str) -> Iterable[nn.Parameter]:
         return getattr(self, part).parameters()
@@ -54,26 +101,134 @@ class Objective(nn.Module):
         """Return (loss to minimise for ``part``, scalar logs)."""
         raise NotImplementedError
 
+    def _draw(self, fn, shape: tuple[int, ...], **kw) -> torch.Tensor:
+        """This rank's slice of ``fn`` drawn for the whole global batch (first dim x ranks)."""
+        rank, world = rank_and_world()
+        g = self.generator
+        full = fn((shape[0] * world, *shape[1:]), generator=g, device=g.device, **kw)  # (B·ranks, ...)
+        return full[rank * shape[0] : (rank + 1) * shape[0]]  # (B, ...)
 
-# --- distribution ---------------------------------------------------------------------------------
+    def randn(self, *shape: int) -> torch.Tensor:
+        """Standard normal noise of the local-batch ``shape`` (B, ...), on the generator's device."""
+        return self._draw(torch.randn, shape)
+
+    def rand(self, *shape: int) -> torch.Tensor:
+        """Uniform [0, 1) draws of the local-batch ``shape`` (B, ...)."""
+        return self._draw(torch.rand, shape)
+
+    def randint(self, high: int, *shape: int) -> torch.Tensor:
+        """Integers in [0, high) of the local-batch ``shape`` (B, ...), e.g. diffusion timesteps."""
+        return self._draw(lambda s, **kw: torch.randint(high, s, **kw), shape)
 
 
-def _setup_device() -> tuple[torch.device, int, int]:
-    """(device, rank, world size); initialises the process group under torchrun (RANK is set)."""
-    if "RANK" in os.environ and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if torch.cuda.is_available():
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        return torch.device("cuda", local), rank, world
-    return torch.device("cpu"), rank, world
+# --- config checks --------------------------------------------------------------------------------
+
+
+def check_train_config(cfg: TrainConfig, section: str = "train") -> None:
+    """Refuse impossible training settings in one line, before anything is created."""
+
+    def bad(key: str, want: str) -> FmrisynthError:
+        return FmrisynthError(f"{section}.{key} must be {want}, got {getattr(cfg, key)!r}")
+
+    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise bad(key, "a positive integer")
+    for key in ("warmup_steps", "num_workers"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
+            raise bad(key, "an integer >= 0")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        raise bad("lr", "a finite number > 0")
+    for key in ("weight_decay", "grad_clip"):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise bad(key, "a finite number >= 0")
+    if not 0 <= cfg.ema_decay < 1:
+        raise bad("ema_decay", "in [0, 1)")
+    if cfg.max_minutes is not None and not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
+        raise bad("max_minutes", "a finite number >= 0 or null")
+    if cfg.amp not in ("auto", "bf16", "off"):
+        raise bad("amp", "'auto', 'bf16' or 'off'")
+
+
+def _section_of(cfg: TrainConfig, config: Config | None) -> str:
+    """The name of ``cfg`` in ``config`` ("train" or "vae_train"), for error messages."""
+    return next((f.name for f in fields(Config) if config is not None and getattr(config, f.name) is cfg), "train")
+
+
+def _check_compatible(ckpt: Checkpoint, objective: Objective, config: Config | None, seed: int, batch: dict) -> None:
+    """Refuse to resume what would not continue the same run: other networks, batch or seed."""
+    saved = ckpt.meta.get("batch")
+    if saved is not None and saved["batch_size"] * saved["grad_accum"] * saved["ranks"] != (
+        batch["batch_size"] * batch["grad_accum"] * batch["ranks"]
+    ):
+        raise FmrisynthError(
+            "--resume with batch_size {batch_size} x grad_accum {grad_accum} x {ranks} ranks, but the checkpoint "
+            "was trained with {b[batch_size]} x {b[grad_accum]} x {b[ranks]}; keep the batch size or use a new --out"
+            .format(**batch, b=saved), ckpt.path)  # fmt: skip
+    if ckpt.meta.get("seed", seed) != seed:
+        raise FmrisynthError(f"--resume with seed {seed}, but the checkpoint was trained with seed {ckpt.meta['seed']}",
+                             ckpt.path)  # fmt: skip
+    if config is not None:
+        new, old = to_dict(config), to_dict(ckpt.config)
+        for section in objective.config_sections:
+            diff = [k for k in new[section] if new[section][k] != old[section].get(k)]
+            if diff:
+                k = diff[0]
+                raise FmrisynthError(f"--resume with {section}.{k}={new[section][k]}, but the checkpoint was trained "
+                                     f"with {section}.{k}={old[section].get(k)}; use a new --out", ckpt.path)  # fmt: skip
+    mine = {k: tuple(v.shape) for k, v in objective.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in ckpt.weights.items()}
+    if mine != theirs:
+        k = next(k for k in sorted(mine.keys() | theirs.keys()) if mine.get(k) != theirs.get(k))
+        raise FmrisynthError(f"checkpoint does not match this model ({k}: {theirs.get(k)} in the checkpoint, "
+                             f"{mine.get(k)} here); was the preset changed?", ckpt.path)  # fmt: skip
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """Drop log rows after ``step`` (logged after the checkpoint a resume starts from; all of them on a
+    fresh start) and torn lines, so the log has one row per logged step."""
+    log = out / LOG
+    if not log.is_file():
+        return
+    keep = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            if json.loads(line)["step"] <= step:
+                keep.append(line + "\n")
+    tmp = log.with_name(LOG + ".tmp")
+    tmp.write_text("".join(keep))
+    tmp.replace(log)
+
+
+def _prepare_run(out: Path, resume: bool, objective: Objective, config: Config | None, seed: int, batch: dict,
+                 loaded: list) -> Path | None:  # fmt: skip
+    """Rank 0: check, clean and create the run directory; pick the checkpoint to resume (into ``loaded``)."""
+    if out.exists() and not out.is_dir():
+        raise FmrisynthError("--out is a file; expected a run directory", out)
+    if (out / "checkpoints").is_dir():
+        clean_stale(out)
+    point = None
+    if any((out / "checkpoints").glob("step_*")):
+        if not resume:
+            raise FmrisynthError("output directory already has checkpoints; pass --resume or choose another --out", out)
+        point = resume_point(out)
+        _check_compatible(point[0], objective, config, seed, batch)
+        loaded.append(point)
+    _truncate_log(out, 0 if point is None else point[0].step)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            save_config(config, out / "config.yaml")
+    except OSError as e:
+        raise FmrisynthError(f"cannot create the run directory ({e.strerror or e})", out) from None
+    return None if point is None else point[0].path
+
+
+# --- data -----------------------------------------------------------------------------------------
 
 
 def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
-    """This rank's batches of one epoch: a seeded permutation, sharded across ranks, drop-last."""
+    """This rank's batches of one epoch: a seeded permutation cut into global batches of
+    ``batch x world`` items (drop-last), of which rank r takes the r-th slice."""
     order = np.random.default_rng([seed, epoch]).permutation(n)
     per_step = batch * world
     steps = n // per_step
@@ -83,117 +238,39 @@ def _batches(n: int, batch: int, seed: int, epoch: int, rank: int, world: int) -
     return [order[s * per_step + rank * batch : s * per_step + (rank + 1) * batch].tolist() for s in range(steps)]
 
 
-def _agree(flag: bool, device: torch.device) -> bool:
-    """True on every rank if it is true on any (so all ranks stop at the same step)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+def _epochs(dataset, cfg: TrainConfig, seed: int, rank: int, world: int, start_step: int) -> Iterator[dict]:
+    """Endless micro-batches in (seed, epoch) order, skipping those consumed before ``start_step``."""
+    per_epoch = len(_batches(len(dataset), cfg.batch_size, seed, 0, rank, world))
+    epoch, skip = divmod(start_step * cfg.grad_accum, per_epoch)
+    while True:
+        sampler = _batches(len(dataset), cfg.batch_size, seed, epoch, rank, world)[skip:]
+        # its own generator: the iterator's base seed must not come from (and shift) the global RNG
+        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, generator=g)
+        yield from loader
+        epoch, skip = epoch + 1, 0
 
 
 def _to(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-# --- checkpoints ----------------------------------------------------------------------------------
-
-
-@dataclass
-class Checkpoint:
-    """A loaded checkpoint: weights of the whole objective, the EMA of its target, the run's config."""
-
-    path: Path
-    step: int
-    config: Config
-    weights: dict[str, torch.Tensor]
-    ema: dict[str, torch.Tensor] | None
-    ema_target: str | None
-
-    def module_state(self, name: str, ema: bool = True) -> dict[str, torch.Tensor]:
-        """State dict of submodule ``name``: its EMA copy when kept and asked for, else the raw weights."""
-        if ema and self.ema is not None and self.ema_target == name:
-            return dict(self.ema)
-        prefix = f"{name}."
-        state = {k[len(prefix) :]: v for k, v in self.weights.items() if k.startswith(prefix)}
-        if not state:
-            raise FmrisynthError(f"checkpoint has no weights for {name!r}", self.path)
-        return state
-
-
-def latest_checkpoint(path: str | Path) -> Path:
-    """The newest ``step_*`` directory of a run directory, or ``path`` itself if it is a checkpoint."""
-    path = Path(path)
-    if (path / "weights.safetensors").is_file():
-        return path
-    steps = sorted((path / "checkpoints").glob("step_*")) if path.is_dir() else []
-    steps = [p for p in steps if (p / "weights.safetensors").is_file()]
-    if not steps:
-        raise FmrisynthError("no checkpoint found (expected checkpoints/step_*/weights.safetensors)", path)
-    return steps[-1]
-
-
-def load_checkpoint(path: str | Path) -> Checkpoint:
-    """Load a checkpoint directory, or the newest one of a run directory, with a clear error if broken."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    ckpt = latest_checkpoint(path)
-    try:
-        weights = load_file(ckpt / "weights.safetensors")
-        ema = load_file(ckpt / "ema.safetensors") if (ckpt / "ema.safetensors").is_file() else None
-        meta = json.loads((ckpt / "meta.json").read_text())
-        config = load_config(ckpt / "config.yaml")
-    except (OSError, SafetensorError, ValueError, KeyError) as e:
-        raise FmrisynthError(f"checkpoint is damaged or incomplete ({e})", ckpt) from None
-    return Checkpoint(ckpt, int(meta["step"]), config, weights, ema, meta.get("ema_target"))
-
-
-def _save(out: Path, step: int, objective: Objective, ema: nn.Module | None, opts: dict, scaler, config: Config | None, keep: int) -> Path:
-    from safetensors.torch import save_file
-
-    root = out / "checkpoints"
-    final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in objective.state_dict().items()}, tmp / "weights.safetensors")
-    if ema is not None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+def _rng_state(device: torch.device) -> dict:
     rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    state = {"step": step, "optimizers": {k: o.state_dict() for k, o in opts.items()}, "scaler": scaler.state_dict(), "rng": rng}
-    torch.save(state, tmp / "state.pt")
-    (tmp / "meta.json").write_text(json.dumps({"step": step, "ema_target": objective.ema_target}))
-    save_config(config if config is not None else Config(), tmp / "config.yaml")
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
-    for old in sorted(root.glob("step_*"))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
+    if device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(device)
+    return rng
+
+
+def _set_rng_state(rng: dict, device: torch.device) -> None:
+    torch.set_rng_state(rng["torch"])
+    np.random.set_state(rng["numpy"])
+    random.setstate(rng["python"])
+    if device.type == "cuda" and "cuda" in rng:
+        torch.cuda.set_rng_state(rng["cuda"], device)
 
 
 # --- the loop -------------------------------------------------------------------------------------
-
-
-def _autocast(cfg: TrainConfig, device: torch.device):
-    use = cfg.amp == "bf16" or (cfg.amp == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use)
-
-
-def _epochs(dataset, cfg: TrainConfig, seed: int, rank: int, world: int, start_step: int) -> Iterator[dict]:
-    """Endless micro-batches in (seed, epoch) order, skipping those consumed before ``start_step``."""
-    per_epoch = len(_batches(len(dataset), cfg.batch_size, seed, 0, rank, world))
-    consumed = start_step * cfg.grad_accum
-    epoch, skip = divmod(consumed, per_epoch)
-    while True:
-        sampler = _batches(len(dataset), cfg.batch_size, seed, epoch, rank, world)[skip:]
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_sampler=sampler, num_workers=cfg.num_workers, persistent_workers=False
-        )
-        yield from loader
-        epoch, skip = epoch + 1, 0
 
 
 def fit(
@@ -209,46 +286,48 @@ def fit(
 ) -> Path:
     """Train ``objective`` on ``dataset`` for ``train_cfg.steps`` steps; return the last checkpoint dir.
 
-    ``resume`` continues from the newest checkpoint in ``out`` (model, EMA, optimisers, step, RNG,
-    data position). ``train_cfg.max_minutes`` stops early, cleanly, with a checkpoint.
+    ``resume`` continues from the newest intact checkpoint in ``out`` (model, EMA, optimisers, step,
+    noise generator, RNG, data position), bit for bit on CPU. ``train_cfg.max_minutes`` stops early,
+    cleanly, with a checkpoint.
     """
-    from safetensors.torch import load_file
     from tqdm import tqdm
 
-    cfg = train_cfg
-    out = Path(out)
+    cfg, out = train_cfg, Path(out)
+    check_train_config(cfg, _section_of(cfg, config))
     if len(dataset) == 0:
         raise FmrisynthError("the training set is empty (no clips in the train split)", out)
-    device, rank, world = _setup_device()
+    device = init_distributed()
+    rank, world = rank_and_world()
     random.seed(seed + rank)
     np.random.seed(seed + rank)
     torch.manual_seed(seed + rank)
     objective.to(device)
+    objective.generator = torch.Generator(device=device).manual_seed(seed)
 
     opts = {p: torch.optim.AdamW(objective.parameters_of(p), lr=cfg.lr, weight_decay=cfg.weight_decay) for p in objective.parts}
-    scaler = torch.amp.GradScaler(device.type, enabled=False)  # bf16 needs no loss scaling
     ema = None
     if objective.ema_target is not None and cfg.ema_decay > 0:
-        import copy
-
         ema = copy.deepcopy(getattr(objective, objective.ema_target)).requires_grad_(False).eval()
 
+    batch = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "ranks": world}
+    loaded: list = []  # rank 0 keeps what it loaded while choosing; the others load the path it chose
+    path = main_only(_prepare_run, out, resume, objective, config, seed, batch, loaded)
     step = 0
-    if resume and (out / "checkpoints").is_dir():
-        ckpt = latest_checkpoint(out)
-        objective.load_state_dict(load_file(ckpt / "weights.safetensors", device=str(device)))
-        if ema is not None and (ckpt / "ema.safetensors").is_file():
-            ema.load_state_dict(load_file(ckpt / "ema.safetensors", device=str(device)))
-        state = torch.load(ckpt / "state.pt", map_location="cpu", weights_only=False)
+    if path is not None:
+        ckpt, state = loaded[0] if loaded else (load_checkpoint(path), None)
+        state = state if state is not None else load_state(ckpt)
+        objective.load_state_dict(ckpt.weights)
+        if ema is not None and ckpt.ema is not None:
+            ema.load_state_dict(ckpt.ema)
         for k, o in opts.items():
             o.load_state_dict(state["optimizers"][k])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
-        random.setstate(state["rng"]["python"])
+        if "generator" in state:
+            objective.generator.set_state(state["generator"])
+        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
+        if rank < len(rngs):
+            _set_rng_state(rngs[rank], device)
         step = state["step"]
-    elif (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*")) and rank == 0:
-        raise FmrisynthError("output directory already has checkpoints; pass --resume or choose another --out", out)
+        del ckpt, state, loaded[:]
 
     model = objective
     if world > 1:
@@ -256,11 +335,7 @@ def fit(
             objective, device_ids=[device.index] if device.type == "cuda" else None,
             find_unused_parameters=len(objective.parts) > 1,
         )
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        if config is not None:
-            save_config(config, out / "config.yaml")
-    log = open(out / "train_log.jsonl", "a") if rank == 0 else None
+    log = open(out / LOG, "a") if rank == 0 else None
     batches = _epochs(dataset, cfg, seed, rank, world, step)
     bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     t_start = time.perf_counter()
@@ -276,15 +351,21 @@ def fit(
             for group in opt.param_groups:
                 group["lr"] = lr
             opt.zero_grad(set_to_none=True)
-            for mb in micro:
-                with _autocast(cfg, device):
-                    loss, part_logs = model(mb, step, part)
-                if not torch.isfinite(loss):
-                    raise FmrisynthError(f"loss of part {part!r} became {loss.item()} at step {step}; lower the lr", out)
-                (loss / cfg.grad_accum).backward()
+            part_loss = torch.zeros((), device=device)
+            for i, mb in enumerate(micro):
+                # accumulate locally; gradients are averaged over ranks once, on the last micro-batch
+                sync = world == 1 or i == len(micro) - 1
+                with contextlib.nullcontext() if sync else model.no_sync():
+                    with autocast(device, cfg.amp):
+                        loss, part_logs = model(mb, step, part)
+                    (loss / cfg.grad_accum).backward()
+                part_loss += loss.detach().float() / cfg.grad_accum
                 for k, v in part_logs.items():
                     logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
-                total += loss.item() / cfg.grad_accum
+            part_loss = mean_over_ranks(part_loss).item()  # every rank sees the same value, so all stop together
+            if not math.isfinite(part_loss):
+                raise FmrisynthError(f"loss of part {part!r} became {part_loss} at step {step}; lower the lr", out)
+            total += part_loss
             if cfg.grad_clip > 0:
                 nn.utils.clip_grad_norm_(objective.parameters_of(part), cfg.grad_clip)
             opt.step()
@@ -299,21 +380,35 @@ def fit(
                     e.copy_(b)
         clips_since += cfg.batch_size * cfg.grad_accum * world
         bar.update(1)
-        timed_out = _agree(cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes, device)
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.steps or timed_out):
-            now = time.perf_counter()
-            row = {"step": step, "loss": total, "lr": lr, "clips_per_s": clips_since / max(now - t_log, 1e-9), **logs}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix(loss=f"{total:.4f}", clips_s=f"{row['clips_per_s']:.1f}")
-            t_log, clips_since = now, 0
-        if rank == 0 and (step % cfg.ckpt_every == 0 or step == cfg.steps or timed_out):
-            _save(out, step, objective, ema, opts, scaler, config, cfg.keep_ckpts)
+        timed_out = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+        if cfg.max_minutes is not None and world > 1:  # stop together when any rank runs out
+            timed_out = bool(mean_over_ranks(torch.tensor([float(timed_out)], device=device)).item() > 0)
+        last = step == cfg.steps or timed_out
+        if step % cfg.log_every == 0 or last:
+            keys = sorted(logs)
+            means = mean_over_ranks(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)).tolist()
+            if log is not None:
+                now = time.perf_counter()
+                row = {"step": step, "loss": total, "lr": lr, "clips_per_s": clips_since / max(now - t_log, 1e-9),
+                       **dict(zip(keys, means))}  # fmt: skip
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{total:.4f}", clips_s=f"{row['clips_per_s']:.1f}")
+                t_log, clips_since = now, 0
+        if step % cfg.ckpt_every == 0 or last:
+            rngs = [_rng_state(device)]
+            if world > 1:
+                rngs = [None] * world
+                dist.all_gather_object(rngs, _rng_state(device))
+            if rank == 0:
+                state = {"step": step, "optimizers": {k: o.state_dict() for k, o in opts.items()},
+                         "generator": objective.generator.get_state(), "rng": rngs}  # fmt: skip
+                meta = {"ema_target": objective.ema_target, "seed": seed, "batch": batch}
+                save_checkpoint(out, step, objective, ema, state, meta, config, cfg.keep_ckpts)
         if timed_out:
             break
     bar.close()
     if log is not None:
         log.close()
-    if world > 1:
-        dist.barrier()
+    barrier()
     return latest_checkpoint(out)

@@ -15,7 +15,7 @@ from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.models.vqgan_loss import VQGANLoss
-from fmrisynth.training.loop import Objective, fit
+from fmrisynth.training.loop import Objective, check_train_config, fit
 
 
 class VQGANObjective(Objective):
@@ -27,6 +27,7 @@ class VQGANObjective(Objective):
 
     parts = ("vqgan", "disc")
     ema_target = None
+    config_sections = ("vae",)
 
     def __init__(self, vqgan: VQGAN, loss: VQGANLoss):
         super().__init__()
@@ -67,7 +68,9 @@ def train_vae(cfg: Config, store: Path, out: Path, resume: bool = False, progres
     from fmrisynth.data.dataset import ClipDataset
 
     clips = require_clip_store(Path(store))
+    check_train_config(cfg.vae_train, "vae_train")
+    dataset = ClipDataset(clips, split="train", frames=True)
+    dataset.check_finite()  # a NaN clip would otherwise train (and be encoded) silently
     torch.manual_seed(cfg.seed)
     objective = VQGANObjective(VQGAN(cfg.vae, clips.mask), VQGANLoss(cfg.vae))
-    dataset = ClipDataset(clips, split="train", frames=True)
     return fit(objective, dataset, cfg.vae_train, Path(out), cfg.seed, resume=resume, config=cfg, desc="train-vae", progress=progress)
