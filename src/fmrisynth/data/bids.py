@@ -14,7 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
-from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image
+from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image, why
 from fmrisynth.errors import FmrisynthError
 
 ENTITY = re.compile(r"([a-zA-Z0-9]+)-([a-zA-Z0-9]+)")
@@ -48,21 +48,21 @@ def read_events(path: Path, task: str) -> Events:
     import pandas as pd
 
     try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False)
-    except (OSError, ValueError) as e:
-        raise FmrisynthError(f"unreadable events file ({e})", path) from None
+        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
+    except (OSError, ValueError) as e:  # ValueError: also pandas' ParserError, EmptyDataError, UnicodeDecodeError
+        raise FmrisynthError(f"unreadable events file ({why(e)})", path) from None
     missing = {"onset", "duration", "trial_type"} - set(table.columns)
     if missing:
         raise FmrisynthError(f"events file lacks column(s) {', '.join(sorted(missing))}", path)
     events: Events = {}
-    for row in table.itertuples(index=False):
-        if pd.isna(row.trial_type):
+    for onset, duration, trial_type in zip(table["onset"], table["duration"], table["trial_type"]):
+        if pd.isna(trial_type):
             continue
         try:
-            item = (float(row.onset), float(row.duration))
+            item = (float(onset), float(duration))
         except (TypeError, ValueError):
-            raise FmrisynthError(f"onset {row.onset!r} / duration {row.duration!r} is not a number", path) from None
-        events.setdefault(f"{task}:{row.trial_type}", []).append(item)
+            raise FmrisynthError(f"onset {onset!r} / duration {duration!r} is not a number", path) from None
+        events.setdefault(f"{task}:{trial_type}", []).append(item)
     return events
 
 
@@ -71,9 +71,12 @@ def read_sidecar(bold: Path, root: Path) -> dict:
     meta: dict = {}
     for f in inherited(bold, root, "bold", ".json"):
         try:
-            meta.update(json.loads(f.read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise FmrisynthError(f"unreadable sidecar JSON ({e})", f) from None
+            loaded = json.loads(f.read_text())
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+            raise FmrisynthError(f"unreadable sidecar JSON ({why(e)})", f) from None
+        if not isinstance(loaded, dict):
+            raise FmrisynthError(f"sidecar JSON is a {type(loaded).__name__}, not an object of fields", f)
+        meta.update(loaded)
     return meta
 
 

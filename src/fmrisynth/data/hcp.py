@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image
+from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image, why
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HCP_TR
 
@@ -28,13 +28,16 @@ NOT_EVS = {"Sync.txt"}  # HCP's scanner sync time: one number, not an explanator
 
 def read_ev(path: Path) -> list[tuple[float, float]]:
     """One FSL 3-column EV file -> [(onset_s, duration_s)]; HCP's all-zero placeholder rows are dropped."""
-    text = path.read_text()
+    try:
+        text = path.read_text()
+    except (OSError, ValueError) as e:  # ValueError: UnicodeDecodeError
+        raise FmrisynthError(f"unreadable EV file ({why(e)})", path) from None
     if not text.strip():
         return []
     try:
         table = np.loadtxt(text.splitlines(), ndmin=2)
     except ValueError as e:
-        raise FmrisynthError(f"not an EV file of numbers ({e})", path) from None
+        raise FmrisynthError(f"not an EV file of numbers ({why(e)})", path) from None
     if table.shape[1] != 3:
         raise FmrisynthError(f"EV file has {table.shape[1]} columns; expected onset, duration, amplitude", path)
     return [(float(o), float(d)) for o, d, a in table if (o, d, a) != (0.0, 0.0, 0.0)]

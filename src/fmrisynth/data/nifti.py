@@ -24,6 +24,12 @@ Events = dict[str, list[tuple[float, float]]]  # condition -> [(onset_s, duratio
 _TIME_UNITS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
 
 
+def why(e: BaseException) -> str:
+    """An exception as one short line for an error message: ``Type: message`` (newlines folded)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text[:300] + ('...' if len(text) > 300 else '')}"
+
+
 @dataclass
 class Run:
     """One 4D BOLD run, described from its header and its events.
@@ -70,8 +76,11 @@ def open_image(path: Path, ndim: int = 4) -> nib.Nifti1Image:
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error ... for bad files
-        raise FmrisynthError(f"not a readable NIfTI image ({type(e).__name__}: {e})", path) from None
+        raise FmrisynthError(f"not a readable NIfTI image ({why(e)})", path) from None
     shape = img.shape
+    affine = img.affine
+    if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise FmrisynthError("the image's voxel-to-world affine is missing, not finite or singular", path)
     if ndim == 4 and len(shape) == 3:
         raise FmrisynthError(f"image is 3D {shape}; a run must be 4D (x, y, z, time)", path)
     if ndim == 3 and len(shape) == 4 and shape[3] == 1:
@@ -99,8 +108,10 @@ def check_tr(tr: float | None, img: nib.Nifti1Image, path: Path, source: str) ->
     if tr is None:
         raise FmrisynthError(f"no repetition time ({source})", path)
     try:
+        if isinstance(tr, bool):
+            raise TypeError(tr)
         tr = float(tr)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise FmrisynthError(f"repetition time {tr!r} is not a number ({source})", path) from None
     if not math.isfinite(tr) or tr <= 0:
         raise FmrisynthError(f"repetition time is {tr} s; expected a positive number ({source})", path)
@@ -151,7 +162,9 @@ def load_run(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
     try:
         data = img.get_fdata(dtype=np.float32)  # (X, Y, Z, T)
     except (OSError, EOFError, ValueError, zlib.error) as e:
-        raise FmrisynthError(f"corrupt or truncated image data ({type(e).__name__}: {e})", run.path) from None
+        raise FmrisynthError(f"corrupt or truncated image data ({why(e)})", run.path) from None
+    except MemoryError:
+        raise FmrisynthError(f"not enough memory for an image of shape {img.shape}; is its header corrupt?", run.path) from None
     finite = np.isfinite(data)
     if finite.all():
         if not data.any():
