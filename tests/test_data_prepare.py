@@ -21,7 +21,9 @@ HAXBY_CATEGORIES = ["bottle", "cat", "chair", "face", "house", "scissors", "scra
 
 def test_haxby_clips_match_its_events(shared_data, tmp_path):
     root = shared_data / "haxby2001"
-    summary = prepare("bids", root, tmp_path / "store", load_config(None, ["data.conditions=all"]), progress=False)
+    with pytest.warns(UserWarning, match="is it in MNI space"):  # Haxby is in the subject's native space
+        summary = prepare("bids", root, tmp_path / "store", load_config(), progress=False)  # bids: every condition
+    assert summary["condition_set"] == "all" and summary["runs_off_mask"] == 12 and summary["min_mask_coverage"] < 0.8
     store = ClipStore(tmp_path / "store")
     m = store.manifest
     assert store.conditions == [f"objectviewing:{c}" for c in HAXBY_CATEGORIES]
@@ -38,7 +40,7 @@ def test_haxby_clips_match_its_events(shared_data, tmp_path):
         onset = events.onset[events.trial_type == row.condition.split(":")[1]].item()
         assert row.onset_s == pytest.approx(onset - row.start_frame * 2.5) and row.duration_s == 22.5
     assert store.item(0).shape == (20, int(store.mask.sum())) and summary["tr"] == 2.5
-    assert yaml.safe_load((tmp_path / "store" / "config.yaml").read_text())["data"]["conditions"] == "all"
+    assert yaml.safe_load((tmp_path / "store" / "config.yaml").read_text())["data"]["conditions"] == "auto"
 
 
 def test_hcp_split_is_by_subject_and_seeded(tmp_path, rng):
@@ -130,6 +132,7 @@ def test_cli_prepare_prints_a_summary(tmp_path, rng, capsys):
     root = make_hcp(tmp_path / "hcp", rng)
     rc = main(["prepare", "--source", "hcp", str(root), "--out", str(tmp_path / "s"), "--grid", GRID,
                "--clip-len", "10", "--conditions", "all", "--quiet"])  # fmt: skip
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0 and "prepared 16 clips of 10 frames from 4 runs of 2 subject(s)" in out
+    assert "MNI space" not in out and err == ""  # data on the MNI grid: no warning, nothing on stderr
     assert "MOTOR:rh" in out and "TR 0.72 s" in out and ClipStore(tmp_path / "s").item_shape[0] == 10

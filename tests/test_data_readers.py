@@ -202,3 +202,104 @@ def test_missing_and_empty_datasets_are_clear_errors(tmp_path):
         with pytest.raises(FmrisynthError, match=words):
             prepare(source, tmp_path / "empty", tmp_path / "store", cfg(), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+# --- issue 14: events that are missing, stores without training clips, suspicious data ---------
+
+
+def _no_evs_folder(root):
+    import shutil
+
+    shutil.rmtree(root / "100307/MNINonLinear/Results/tfMRI_MOTOR_RL/EVs")
+
+
+def _placeholder_evs_only(root):
+    evs = root / "100307/MNINonLinear/Results/tfMRI_MOTOR_RL/EVs"
+    for f in evs.iterdir():
+        f.write_text("0\t0\t0\n")  # HCP's all-zero placeholder row: no event
+
+
+@pytest.mark.parametrize(
+    "damage, words", [(_no_evs_folder, "task run without events: it has no EVs/ folder"),
+                      (_placeholder_evs_only, "task run without events: its EVs/ folder holds no event")],
+)  # fmt: skip
+def test_hcp_run_without_events_is_refused_naming_it(tmp_path, rng, damage, words):
+    root = make_hcp(tmp_path / "hcp", rng)
+    damage(root)
+    with pytest.raises(FmrisynthError, match=words) as e:
+        prepare("hcp", root, tmp_path / "store", cfg("data.conditions=all"), progress=False)
+    assert "tfMRI_MOTOR_RL" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["hcp"]
+
+
+def test_bids_defaults_to_every_condition_hcp_to_hcp7(tmp_path, rng):
+    summary = prepare("bids", make_bids(tmp_path / "bids", rng), tmp_path / "s", cfg(), progress=False)
+    assert summary["condition_set"] == "all" and summary["conditions"] == ["look:face", "look:house"]
+    summary = prepare("hcp", make_hcp(tmp_path / "hcp", rng), tmp_path / "s2", cfg(), progress=False)
+    assert summary["condition_set"] == "hcp7" and summary["conditions"] == ["MOTOR:rh"]
+
+
+def test_bids_conditions_flag_still_overrides(tmp_path, rng):
+    root = make_bids(tmp_path / "bids", rng)
+    with pytest.raises(FmrisynthError, match="none of the hcp7 conditions occur"):
+        prepare("bids", root, tmp_path / "s", cfg("data.conditions=hcp7"), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["bids"]
+
+
+def test_bids_task_run_without_events_is_refused_rest_run_skipped(tmp_path, rng):
+    root = make_bids(tmp_path / "bids", rng)
+    func = root / "sub-01" / "func"
+    rest = func / "sub-01_task-rest_bold.nii.gz"
+    nib.save(nib.Nifti1Image(bold(rng, 20), las_affine()), rest)
+    (root / "task-rest_bold.json").write_text(json.dumps({"RepetitionTime": 2.0}))
+    with pytest.warns(UserWarning, match="resting-state run without events, skipped"):
+        assert len(bids_runs(root)) == 2
+    (func / "sub-01_task-look_dir-AP_run-02_events.tsv").unlink()
+    with pytest.raises(FmrisynthError, match="task run without an events file") as e:
+        prepare("bids", root, tmp_path / "store", cfg(), progress=False)
+    assert "run-02_bold" in str(e.value) and not (tmp_path / "store").exists()
+    (func / "sub-01_task-look_dir-AP_run-02_events.tsv").write_text("onset\tduration\ttrial_type\n30.0\t2.0\tn/a\n")
+    with pytest.raises(FmrisynthError, match="events file has no event with a trial_type"):
+        prepare("bids", root, tmp_path / "store", cfg(), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bids"]
+
+
+def test_a_store_without_training_clips_is_refused(tmp_path, rng):
+    root = make_bids(tmp_path / "bids", rng, n_runs=1)  # one run: one unit to split
+    with pytest.raises(FmrisynthError, match="no training clips"):
+        prepare("bids", root, tmp_path / "store", cfg("data.split=0,0,1"), progress=False)
+    assert [p.name for p in tmp_path.iterdir()] == ["bids"]
+
+
+def test_subjects_without_the_chosen_conditions_take_no_split_place(tmp_path, rng):
+    root = make_hcp(tmp_path / "hcp", rng, subjects=("a", "b", "c", "d"))
+    make_hcp(root, rng, subjects=("e", "f"), events={"lf": [(2.16, 4.32)]})  # no rh: nothing for hcp7
+    summary = prepare("hcp", root, tmp_path / "s", cfg(), progress=False)
+    assert summary["subjects"] == 4 and summary["counts"]["MOTOR:rh"]["train"] > 0
+
+
+def test_an_all_zero_run_warns_naming_it(tmp_path, rng):
+    root = make_hcp(tmp_path / "hcp", rng)
+    path = root / HCP_RUN
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.float32), img.affine, img.header), path)
+    with pytest.warns(UserWarning, match="every value of the run is 0") as record:
+        prepare("hcp", root, tmp_path / "store", cfg(), progress=False)
+    assert any(str(path) in str(w.message) for w in record)
+
+
+def test_data_off_the_mni_mask_warn_mni_data_do_not(tmp_path, rng):
+    summary = prepare("hcp", make_hcp(tmp_path / "hcp", rng), tmp_path / "s", cfg(), progress=False)
+    assert summary["min_mask_coverage"] == 1.0 and summary["runs_off_mask"] == 0
+    shifted = tmp_path / "shifted"
+    for s in ("1", "2"):
+        for pe in ("LR", "RL"):
+            affine = las_affine()
+            affine[1, 3] += 20.0  # two voxels along y: the data's brain covers half of the mask
+            write_run(shifted, s, "MOTOR", pe, bold(rng), affine, {"rh": [(2.16, 4.32)]})
+    with pytest.warns(UserWarning, match=r"its brain covers only 50% of the MNI brain mask .* is it in MNI space"):
+        summary = prepare("hcp", shifted, tmp_path / "s2", cfg(), progress=False)
+    assert summary["runs_off_mask"] == 4 and summary["min_mask_coverage"] == 0.5
+    from fmrisynth.data.prepare import format_summary
+
+    assert "4 of 4 runs cover under 80% of the brain mask (lowest 50%)" in format_summary(summary)
