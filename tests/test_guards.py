@@ -204,12 +204,19 @@ def test_stale_store_temporaries_of_dead_processes_are_removed(tmp_path):
 
     import numpy as np
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    pid = int(dead.stdout)  # a process that has exited
-    stale = [tmp_path / f".store.tmp-{pid}", tmp_path / f".latents.tmp-{HOST}-{pid}"]  # old and new naming
-    for d in stale:
-        d.mkdir()
-        (d / "data.f16").write_bytes(b"\0" * 64)
+    # A writer SIGKILLed halfway through its store, as a killed `prepare` or `train-vae` is.
+    killed = (
+        "import os, signal, numpy as np; from fmrisynth.data.store import StoreWriter; "
+        f"w = StoreWriter({str(tmp_path / 'latents')!r}, (2, 3), np.eye(4), (1, 1, 3), ['a']); "
+        "w.add(np.zeros((2, 3), np.float32)); w._data.flush(); print(os.getpid(), flush=True); "
+        "os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    run = subprocess.run([sys.executable, "-c", killed], capture_output=True, text=True)
+    pid = int(run.stdout)
+    assert run.returncode == -9 and (tmp_path / f".latents.tmp-{HOST}-{pid}" / "data.f16").is_file()
+    stale = [tmp_path / f".latents.tmp-{HOST}-{pid}", tmp_path / f".store.tmp-{pid}"]  # new and old naming
+    stale[1].mkdir()
+    (stale[1] / "data.f16").write_bytes(b"\0" * 64)
     live = tmp_path / f".other.tmp-{HOST}-{os.getppid()}"  # a writer that is still running
     foreign = tmp_path / f".store.tmp-anotherhost-{pid}"  # a shared file system: not ours to judge
     not_a_store = tmp_path / f".report.tmp-{pid}"  # someone else's temporary
