@@ -41,3 +41,33 @@ def test_missing_and_broken_yaml(tmp_path):
     bad.write_text("data: [unclosed\n")
     with pytest.raises(FmrisynthError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize("text", ["train: {lr: .nan}", "train: {lr: .inf}", "diffusion: {guidance: -.inf}"])
+def test_non_finite_floats_in_yaml_are_refused(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text + "\n")
+    with pytest.raises(FmrisynthError, match="is not a finite number"):
+        load_config(f)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [("train.batch_size=0", "train.batch_size: must be >= 1, got 0"), ("vae_train.lr=0", "vae_train.lr: must be > 0"),
+     ("train.steps=yes", "cannot read True as int"), ("seed=-1", "seed: must be >= 0"),
+     ("data.split=0,0,0", "data.split"), ("diffusion.beta_end=0.0001", "beta_start/beta_end")],
+)  # fmt: skip
+def test_values_no_stage_can_run_with_are_refused_on_load(override, words):
+    with pytest.raises(FmrisynthError, match=words.replace("[", r"\[")) as e:
+        load_config(None, [override])
+    assert len(str(e.value).splitlines()) == 1
+
+
+def test_every_packaged_and_shipped_config_is_valid():
+    from pathlib import Path
+
+    from fmrisynth.config import packaged_config
+
+    shipped = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+    for path in [packaged_config("demo"), *shipped]:
+        load_config(path)
