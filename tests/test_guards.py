@@ -229,3 +229,20 @@ def test_stale_store_temporaries_of_dead_processes_are_removed(tmp_path):
     assert not any(d.exists() for d in stale)
     assert live.exists() and foreign.exists() and not_a_store.exists() and (tmp_path / "store" / "store.json").is_file()
     assert remove_stale_temps(tmp_path) == []
+
+
+def test_prepare_needs_no_network(tmp_path, capsys, monkeypatch, rng):
+    """Run time is offline: any attempt to open a connection fails this test."""
+    import socket
+
+    from test_data_readers import GRID, make_hcp
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("fmrisynth tried to use the network")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    root = make_hcp(tmp_path / "hcp", rng)
+    assert main(["prepare", "--source", "hcp", str(root), "--out", str(tmp_path / "s"), "--grid", GRID, "--quiet"]) == 0
+    assert "prepared" in capsys.readouterr().out
