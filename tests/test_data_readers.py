@@ -303,3 +303,18 @@ def test_data_off_the_mni_mask_warn_mni_data_do_not(tmp_path, rng):
     from fmrisynth.data.prepare import format_summary
 
     assert "4 of 4 runs cover under 80% of the brain mask (lowest 50%)" in format_summary(summary)
+
+
+def test_a_header_nibabel_repairs_is_one_warning_not_log_lines(tmp_path, rng, capsys):
+    import gzip
+
+    from fmrisynth.cli import main
+
+    root = make_hcp(tmp_path / "hcp", rng)
+    path = root / HCP_RUN
+    raw = bytearray(gzip.decompress(path.read_bytes()))
+    raw[0] ^= 4  # sizeof_hdr 348 -> 344: nibabel fixes it and logs to stderr
+    path.write_bytes(gzip.compress(bytes(raw)))
+    assert main(["prepare", "--source", "hcp", str(root), "--out", str(tmp_path / "s"), "--grid", GRID, "--quiet"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"fmrisynth prepare: warning: {path}: header repaired on reading (sizeof_hdr should be 348; set sizeof_hdr to 348)"]

@@ -361,9 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     prefix = f"fmrisynth {args.verb}"
+    shown: set[str] = set()
+
+    def show(message, *_, **__) -> None:  # one line per warning, each said once
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"{prefix}: warning: {message}", file=sys.stderr)
+
     try:
         with warnings.catch_warnings():
-            warnings.showwarning = lambda message, *_, **__: print(f"{prefix}: warning: {message}", file=sys.stderr)
+            warnings.showwarning = show
             if getattr(args, "out", None) is not None:
                 check_out(args.out, OUT_KIND.get(args.verb, "dir"))
             return int(HANDLERS[args.verb](args) or 0)

@@ -9,6 +9,7 @@ Each problem becomes one ``FmrisynthError`` naming the file, never a numpy or zl
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 import zlib
@@ -68,15 +69,35 @@ class Run:
         return f"{self.subject}/{self.task}/{self.run}"
 
 
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(" ".join(record.getMessage().split()))
+
+
 def open_image(path: Path, ndim: int = 4) -> nib.Nifti1Image:
-    """The image proxy (header only), checked to exist, parse and have ``ndim`` dimensions."""
+    """The image proxy (header only), checked to exist, parse and have ``ndim`` dimensions.
+
+    What nibabel repairs in a header on reading (it logs to stderr) becomes one warning naming
+    the file.
+    """
     path = Path(path)
     if not path.is_file():
         raise FmrisynthError("file not found", path)
+    logger, collect = logging.getLogger("nibabel.global"), _Collect()
+    handlers, propagate = logger.handlers[:], logger.propagate
+    logger.handlers, logger.propagate = [collect], False
     try:
         img = nib.load(path)
     except Exception as e:  # nibabel raises ImageFileError, OSError, EOFError, zlib.error ... for bad files
         raise FmrisynthError(f"not a readable NIfTI image ({why(e)})", path) from None
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    if collect.messages:
+        warnings.warn(f"{path}: header repaired on reading ({'; '.join(dict.fromkeys(collect.messages))})")  # once per file
     shape = img.shape
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
