@@ -97,7 +97,8 @@ def open_image(path: Path, ndim: int = 4) -> nib.Nifti1Image:
     finally:
         logger.handlers, logger.propagate = handlers, propagate
     if collect.messages:
-        warnings.warn(f"{path}: header repaired on reading ({'; '.join(dict.fromkeys(collect.messages))})")  # once per file
+        repairs = "; ".join(dict.fromkeys(collect.messages))
+        warnings.warn(f"{path}: header repaired on reading ({repairs})")  # one location: said once per file
     shape = img.shape
     affine = img.affine
     if affine is None or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
@@ -185,7 +186,8 @@ def load_run(run: Run) -> tuple[np.ndarray, np.ndarray | None]:
     except (OSError, EOFError, ValueError, zlib.error) as e:
         raise FmrisynthError(f"corrupt or truncated image data ({why(e)})", run.path) from None
     except MemoryError:
-        raise FmrisynthError(f"not enough memory for an image of shape {img.shape}; is its header corrupt?", run.path) from None
+        reason = f"not enough memory for an image of shape {img.shape}; is its header corrupt?"
+        raise FmrisynthError(reason, run.path) from None
     finite = np.isfinite(data)
     if finite.all():
         if not data.any():
