@@ -1,10 +1,8 @@
-"""The shared training loop on a toy objective: learning, EMA, checkpoints, exact resume, budget, DDP."""
+"""The shared training loop on a toy objective: learning, EMA, checkpoints, resume, budget, and the
+helpers the stages share (noise slices, autocast, device). Resume in depth: test_resume.py; torchrun:
+test_torchrun.py."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -12,7 +10,8 @@ from torch import nn
 
 from fmrisynth.config import Config, TrainConfig
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.training.loop import Objective, fit, latest_checkpoint, load_checkpoint
+from fmrisynth.training import loop
+from fmrisynth.training.loop import Objective, autocast, default_device, fit, latest_checkpoint, load_checkpoint, main_only
 
 
 class Points(torch.utils.data.Dataset):
@@ -104,19 +103,25 @@ def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path).step == 1
 
 
-def test_two_process_ddp_on_cpu(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(textwrap.dedent(f"""
-        import sys; sys.path.insert(0, {os.path.dirname(__file__)!r})
-        import torch
-        from test_train import Points, Regression, _cfg
-        from fmrisynth.training.loop import fit
-        torch.manual_seed(0)
-        fit(Regression(), Points(), _cfg(steps=30), {str(tmp_path / "run")!r}, seed=0, progress=False)
-    """))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", str(script)],
-                   check=True, env=env, capture_output=True, timeout=120)
-    rows = _log(tmp_path / "run")
-    assert rows[-1]["step"] == 30 and rows[-1]["loss"] < rows[0]["loss"]
-    assert rows[0]["clips_per_s"] > 0 and load_checkpoint(tmp_path / "run").step == 30
+def test_each_rank_draws_its_slice_of_the_global_batch_noise(monkeypatch):
+    obj = Objective()
+    draws = lambda: (obj.randn(4, 3), obj.rand(4), obj.randint(10, 4, 2))  # noqa: E731
+    obj.generator.manual_seed(5)
+    monkeypatch.setattr(loop, "rank_and_world", lambda: (0, 1))
+    n, u, k = obj.randn(8, 3), obj.rand(8), obj.randint(10, 8, 2)  # one process, global batch 8
+    for rank in (0, 1):
+        obj.generator.manual_seed(5)
+        monkeypatch.setattr(loop, "rank_and_world", lambda: (rank, 2))
+        for mine, full in zip(draws(), (n, u, k)):
+            assert torch.equal(mine, full[4 * rank : 4 * rank + 4])
+    assert k.dtype == torch.int64 and 0 <= k.min() and k.max() < 10
+
+
+def test_one_rule_for_device_and_autocast():
+    assert default_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for amp, on in (("auto", False), ("off", False), ("bf16", True)):
+        with autocast("cpu", amp):
+            assert torch.is_autocast_enabled("cpu") == on
+    with pytest.raises(FmrisynthError, match="amp must be"):
+        autocast("cpu", "fp16")
+    assert main_only(lambda x: x + 1, 1) == 2  # a single process is rank 0
