@@ -92,6 +92,7 @@ def init_distributed() -> torch.device:
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
+    """The mean of ``x`` over ranks, on every rank (``x`` itself in a single process)."""
     if dist.is_initialized():
         x = x.clone()
         dist.all_reduce(x)

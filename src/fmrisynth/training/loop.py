@@ -49,25 +49,10 @@ from torch import nn
 
 from fmrisynth.config import Config, TrainConfig, save_config, to_dict
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.training.checkpoint import (  # noqa: F401  (re-exported: the loop's public API)
-    Checkpoint,
-    clean_stale,
-    latest_checkpoint,
-    load_checkpoint,
-    load_state,
-    resume_point,
-    save_checkpoint,
-)
-from fmrisynth.training.distributed import (  # noqa: F401  (re-exported)
-    autocast,
-    barrier,
-    default_device,
-    init_distributed,
-    is_main,
-    main_only,
-    mean_over_ranks,
-    rank_and_world,
-)
+from fmrisynth.training.checkpoint import Checkpoint, clean_stale, latest_checkpoint, load_checkpoint, load_state
+from fmrisynth.training.checkpoint import resume_point, save_checkpoint
+from fmrisynth.training.distributed import autocast, barrier, default_device, init_distributed, is_main  # noqa: F401
+from fmrisynth.training.distributed import main_only, mean_over_ranks, rank_and_world
 
 LOG = "train_log.jsonl"
 
