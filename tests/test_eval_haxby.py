@@ -30,11 +30,20 @@ def haxby_store(root, out):
 
 
 def test_haxby_real_versus_real(shared_data, tmp_path):
+    """Two sets of real runs of one subject: every figure should say "the same kind of data".
+
+    Measured (runs 7-12 vs 3-6): map r 0.15 (chance 0), HRF r of real ROIs 0.80, lag-1 autocorrelation
+    0.12 vs 0.13, variance ratio 1.07, FWHM 17.6 vs 17.7 mm, FC r 0.52, C2ST 0.55.
+    """
     haxby_store(shared_data / "haxby2001", tmp_path / "store")
     m = evaluate(f"{tmp_path / 'store'}:test", f"{tmp_path / 'store'}:val", tmp_path / "eval", Config())
     assert m["n_real"] == 48 and m["n_generated"] == 32 and len(m["conditions"]) == 8
     assert m["ceiling"]["split_by"] == "run" and m["ceiling"]["n_halves"] == [24, 24]
-    assert m["hrf_corr_real_mean"] > 0.3  # real BOLD in the most active voxels follows the HRF
+    assert m["reference"]["split_by"] == "run" and m["reference"]["n"] == 16  # one subject: runs 1-2
+    assert m["hrf_corr_real_mean"] > 0.6  # real BOLD in the most active voxels follows the HRF
+    assert m["map_corr_mean"] > 0.05  # weak (8 similar object categories, 30 s clips) but above chance
     assert m["memorisation"]["n_train"] == 16 and not m["memorisation"]["flagged"]
-    for key in ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean"):
-        assert -1 <= m[key] <= 1 and -1 <= m["ceiling"].get(key, 0) <= 1
+    r = m["realism"]
+    assert r["autocorr_real"][0] > 0.05 and r["autocorr_max_diff"] < 0.05  # BOLD is autocorrelated, alike in both
+    assert 0.8 < r["variance_ratio"] < 1.25 and abs(r["fwhm_generated_mm"] / r["fwhm_real_mm"] - 1) < 0.05
+    assert r["fc_corr"] > 0.3 and abs(r["c2st_accuracy"] - 0.5) < 0.15

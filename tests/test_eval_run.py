@@ -110,6 +110,9 @@ def test_copies_of_training_clips_are_flagged(tmp_path, store):
         ("nan", "NaN"),
         ("empty", "no generated clips"),
         ("split", "no clips in split"),
+        ("truncated", "sample-000_bold.nii.gz: cannot read the image: truncated"),
+        ("notgzip", "sample-000_bold.nii.gz: not a readable gzipped NIfTI"),
+        ("nan_onset", "sample-000_bold.json: onset_s, duration_s, tr must be finite numbers"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, store, rng, case, message):
@@ -126,6 +129,15 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, store, rng, c
         write_samples(tmp_path / "g", y, CONDITIONS[:1])
     elif case == "empty":
         (tmp_path / "g").mkdir()
+    elif case in ("truncated", "notgzip", "nan_onset"):
+        nifti = write_samples(tmp_path / "g", y, CONDITIONS[:1]) / "sample-000_bold.nii.gz"
+        if case == "truncated":
+            nifti.write_bytes(nifti.read_bytes()[: nifti.stat().st_size // 2])
+        elif case == "notgzip":
+            nifti.write_bytes(b"\x00" * 400)
+        else:
+            sidecar = nifti.with_name("sample-000_bold.json")
+            sidecar.write_text(sidecar.read_text().replace('"onset_s": 0.0', '"onset_s": NaN'))
     else:
         write_samples(tmp_path / "g", y, CONDITIONS[:1])
         real += ":nosuchsplit"
@@ -149,8 +161,8 @@ def test_cli_evaluate_then_report_is_one_self_contained_page(tmp_path, store, rn
     html_file = tmp_path / "report.html"
     assert main(["report", "--eval", str(tmp_path / "e"), "--scaling", str(tmp_path / "scale"), "--out", str(html_file)]) == 0
     page = html_file.read_text()
-    # 3 conditions x glass brains, matrices, time courses, PCA, scaling: all inline, nothing fetched
-    assert page.count("data:image/png;base64,") == 3 + 4 and "src=\"http" not in page
+    # 3 conditions x glass brains, realism, matrices, time courses, PCA, scaling: all inline, nothing fetched
+    assert page.count("data:image/png;base64,") == 3 + 5 and "src=\"http" not in page
     assert all(c in page for c in CONDITIONS) and "ceiling" in page
 
 

@@ -248,22 +248,23 @@ def _sample(args):
     print(f"{len(paths)} clips of {args.condition} -> {args.out}")
 
 
-@verb("evaluate", "GLM maps, map correlation, RSA, top-1, HRF, PCA, ceiling, memorisation")
+@verb("evaluate", "generated clips beside real clips of other people: task maps, realism, references")
 @arguments(
     lambda p: (
         p.add_argument("--real", required=True, help="STORE[:split] of real clips (default split test)"),
         p.add_argument("--generated", required=True, help="directory of samples, or STORE[:split] (real vs real)"),
+        p.add_argument("--reference", help="STORE:split of real clips of other subjects (default: the real store's train)"),
         p.add_argument("--out", type=Path, required=True),
     )
 )
 def _evaluate(args):
     from fmrisynth.evaluate.run import evaluate
+    from fmrisynth.evaluate.summary import text_table
 
-    m = evaluate(args.real, args.generated, args.out, config_from(args))
-    ceiling = m["ceiling"]
-    for key in ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean"):
-        value, c = m[key], ceiling.get(key)
-        print(f"{key:<15}{'-' if value is None else f'{value:.3f}':>8}   ceiling {'-' if c is None else f'{c:.3f}'}")
+    m = evaluate(args.real, args.generated, args.out, config_from(args), reference=args.reference)
+    print(text_table(m))
+    for note in m["notes"]:
+        print(f"note: {note}")
     print(f"metrics: {args.out / 'metrics.json'}")
 
 

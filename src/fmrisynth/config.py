@@ -128,9 +128,13 @@ class EvalConfig:
     """The evaluation protocol of DESIGN.md (``fmrisynth evaluate``)."""
 
     hrf: str = "glover"  # "glover" or "spm"
-    drift_order: int = 1
+    drift_order: int = 0  # over a 14 s clip a linear drift absorbs most of the block regressor
     roi_fraction: float = 0.05
     split: str = "test"  # the real store's held-out split, when --real names none
+    reference_split: str = "train"  # real clips of other people, from the real store, when --reference names none
+    parcels: int = 100  # k-means parcels for functional connectivity where no atlas covers the grid
+    c2st_components: int = 50  # PCA features of whole clips for the classifier two-sample test
+    c2st_folds: int = 5
     feature_voxels: int = 4096  # random in-mask voxels kept per clip for the PCA and memorisation
     pca_components: int = 10
     memorisation_margin: float = 0.1  # flag when train_nn_corr exceeds heldout_nn_corr by more

@@ -90,17 +90,11 @@ def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, l
 
 
 def metric_table(metrics: dict) -> str:
-    """A plain-text table of the headline metrics beside their noise ceilings."""
-    ceiling = metrics.get("ceiling", {})
-    lines = [f"{'metric':<16}{'generated':>10}{'ceiling':>10}"]
+    """The closing table (evaluation v2): generated | reference | ceiling | codec | truth rows, the
+    realism figures beside the reference's, and one line naming the figure furthest short of it."""
+    from fmrisynth.evaluate.summary import text_table
 
-    def cell(v: float | None) -> str:  # None: undefined, e.g. the RSA of two conditions
-        return f"{'-':>10}" if v is None else f"{v:>10.3f}"
-
-    for key in METRICS:
-        if key in metrics:
-            lines.append(f"{key:<16}{cell(metrics[key])}{cell(ceiling.get(key))}")
-    return "\n".join(lines)
+    return text_table(metrics)
 
 
 def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log: Callable[[str], None] = print) -> dict:

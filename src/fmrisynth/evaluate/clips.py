@@ -11,6 +11,8 @@ done (grid, affine, mask, conditions, clip length); NaNs are caught when a clip 
 from __future__ import annotations
 
 import json
+import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -35,6 +37,7 @@ class ClipSet:
         reader: row position -> (T, V) float16 or float32, V the real store's in-mask voxels.
         n_frames: T, the same for every clip.
         sources: per row, the file (or ``store#index``) to blame in errors.
+        checkpoints: the stage-2 checkpoints that generated the clips (from the sidecars; none for stores).
     """
 
     name: str
@@ -42,6 +45,7 @@ class ClipSet:
     reader: Callable[[int], np.ndarray]
     n_frames: int
     sources: list[str]
+    checkpoints: tuple[str, ...] = ()
 
     def read(self, i: int) -> np.ndarray:
         y = self.reader(i)
@@ -160,15 +164,21 @@ def _sample_dir(root: Path, real: ClipStore) -> ClipSet:
     files = sorted(root.glob("*_bold.nii.gz"))
     if not files:
         raise FmrisynthError("no generated clips (*_bold.nii.gz) found", root)
-    rows = []
+    rows, checkpoints = [], {}
     for f in files:
         sidecar = f.with_name(f.name.replace(".nii.gz", ".json"))
         try:
             meta = json.loads(sidecar.read_text())
             rows.append({k: meta[k] for k in SIDECAR_KEYS})
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             raise FmrisynthError(f"sidecar missing or incomplete ({e}); it needs {', '.join(SIDECAR_KEYS)}", sidecar) from None
-        img = nib.load(f)
+        if not all(isinstance(meta[k], (int, float)) and math.isfinite(meta[k]) for k in SIDECAR_KEYS[1:]):
+            raise FmrisynthError(f"{', '.join(SIDECAR_KEYS[1:])} must be finite numbers", sidecar)
+        checkpoints.setdefault(str(meta.get("checkpoint") or ""), None)
+        try:
+            img = nib.load(f)
+        except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
+            raise FmrisynthError(f"not a readable gzipped NIfTI ({e})", f) from None
         if len(img.shape) != 4 or img.shape[3] != nib.load(files[0]).shape[-1]:
             raise FmrisynthError(f"expected a 4D image (D, H, W, T) like the others, got shape {img.shape}", f)
         _check_grid(img.shape[:3], img.affine, real, f)
@@ -176,7 +186,11 @@ def _sample_dir(root: Path, real: ClipStore) -> ClipSet:
     mask = real.mask
 
     def read(i: int) -> np.ndarray:
-        data = np.asarray(nib.load(files[i]).dataobj, dtype=np.float32)  # (D, H, W, T)
+        try:
+            data = np.asarray(nib.load(files[i]).dataobj, dtype=np.float32)  # (D, H, W, T)
+        except (OSError, EOFError, ValueError, zlib.error) as e:
+            raise FmrisynthError(f"cannot read the image: truncated or damaged ({e})", files[i]) from None
         return np.ascontiguousarray(data[mask].T)  # (T, V)
 
-    return ClipSet(str(root), table, read, int(img.shape[3]), [str(f) for f in files])
+    runs = tuple(c for c in checkpoints if c)
+    return ClipSet(str(root), table, read, int(img.shape[3]), [str(f) for f in files], runs)

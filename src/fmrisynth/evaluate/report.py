@@ -1,38 +1,39 @@
 """``fmrisynth report``: one self-contained HTML page from an evaluation directory.
 
 Everything a lab meeting needs on one page, with every figure embedded as a base64 PNG (the file
-can be mailed or archived alone): the metric table beside the noise ceiling, real vs generated
-group maps per condition (glass brains), the two RDMs and the clip-level confusion matrix, ROI time
-courses against the canonical HRF, the PCA of frames by subject, phase encoding and task, and the
-scaling curve when a ``fmrisynth scale`` directory is given. Figures are drawn on matplotlib
+can be mailed or archived alone): the metric table of the generated clips beside the reference
+(real clips of other people), the noise ceiling, the codec and the simulator's truth; the realism
+section (variance, autocorrelation curves, smoothness, FC matrices, the classifier test); real vs
+generated group maps per condition (glass brains), the two RDMs and the clip-level confusion
+matrix, ROI time courses against the canonical HRF, the PCA of frames by subject, phase encoding
+and task, and the scaling curve when a ``fmrisynth scale`` directory is given. Figures are drawn on matplotlib
 ``Figure`` objects (Agg canvas, no pyplot state), so reports can be made from any process.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import html
 import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.evaluate.summary import HEADLINE, TRUTH, furthest_short, headline_rows, realism_rows
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.3em}table{border-collapse:collapse;margin:1em 0}
 td,th{border-bottom:1px solid #ddd;padding:4px 12px;text-align:right}td:first-child,th:first-child{text-align:left}
 img{max-width:100%}.flag{color:#b00;font-weight:bold}h2{border-bottom:2px solid #444;padding-top:1em}"""
-HEADLINE = [  # (key, label, ceiling key)
-    ("map_corr_mean", "GLM map correlation (mean)", "map_corr_mean"),
-    ("rsa", "RSA (RDM correlation)", "rsa"),
-    ("top1_map", "top-1, condition maps", "top1_map"),
-    ("top1_clip", "top-1, single clips", None),
-    ("hrf_corr_mean", "ROI time course vs HRF (generated)", None),
-    ("hrf_corr_real_mean", "ROI time course vs HRF (real)", None),
-]
+REQUIRED = ("conditions", "real", "generated", "n_real", "n_generated", "map_corr", "n_per_condition", "hrf", "maps",
+            "roi_fraction", "pca", "rsa")
+ARRAYS = ("confusion", "tr", "onset_real", "onset_generated", "rdm_real", "rdm_generated", "tc_real", "tc_generated",
+          "hrf_real", "pca_real", "pca_generated")
 
 
 def _png(fig) -> str:
@@ -52,20 +53,55 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _metric_tables(m: dict) -> str:
-    ceiling = m.get("ceiling", {})
-    rows = [[label, m.get(key), ceiling.get(ck) if ck else None] for key, label, ck in HEADLINE]
-    mem = m.get("memorisation", {})
-    rows.append(["nearest training clip r / nearest held-out clip r",
-                 f"{_fmt(mem.get('train_nn_corr'))} / {_fmt(mem.get('heldout_nn_corr'))}", None])
+    """Sets x task metrics (generated | reference | ceiling | codec | real test vs truth), then per condition."""
+    ceiling, reference = m.get("ceiling") or {}, m.get("reference") or {}
+    header = ["set"] + [label for _, label in HEADLINE] + [TRUTH]
+    mem = m.get("memorisation") or {}
     flag = '<p class="flag">Memorisation flagged: generated clips are closer to training clips than to held-out ones.</p>'
-    per_cond = [[c, m["map_corr"].get(c), ceiling.get("map_corr", {}).get(c), h["corr_generated_real"],
-                 h["corr_generated_hrf"], h["corr_real_hrf"], h["peak_s_generated"], h["peak_s_real"],
-                 m["n_per_condition"][c]["generated"], m["n_per_condition"][c]["real"]]
+    notes = "".join(f"<p class='sub'>{html.escape(n)}</p>" for n in m.get("notes", []))
+    about = (f"<p class='sub'>reference: {html.escape(str(reference.get('source', '-')))} ({reference.get('n', 0)} clips, "
+             f"other {html.escape(str(reference.get('split_by', 'subject')))}s than the test set); ceiling: real halves by "
+             f"{html.escape(str(ceiling.get('split_by', '?')))}; nearest training clip r / nearest held-out clip r: "
+             f"{_fmt(mem.get('train_nn_corr'))} / {_fmt(mem.get('heldout_nn_corr'))}</p>")
+    per_cond = [[c, m["map_corr"].get(c), reference.get("map_corr", {}).get(c), ceiling.get("map_corr", {}).get(c),
+                 h["corr_generated_real"], h["corr_generated_hrf"], h["corr_real_hrf"], h["peak_s_generated"],
+                 h["peak_s_real"], m["n_per_condition"][c]["generated"], m["n_per_condition"][c]["real"]]
                 for c, h in ((c, m["hrf"][c]) for c in m["conditions"])]
-    return (_table(["metric", "generated", f"ceiling (real halves by {ceiling.get('split_by', '?')})"], rows)
+    return (_table(header, [[name, *values] for name, values in headline_rows(m)]) + about + notes
             + (flag if mem.get("flagged") else "")
-            + _table(["condition", "map r", "ceiling map r", "ROI r gen-real", "ROI r gen-HRF", "ROI r real-HRF",
-                      "peak s gen", "peak s real", "n gen", "n real"], per_cond))
+            + _table(["condition", "map r", "reference map r", "ceiling map r", "ROI r gen-real", "ROI r gen-HRF",
+                      "ROI r real-HRF", "peak s gen", "peak s real", "n gen", "n real"], per_cond))
+
+
+def _realism(a: dict, m: dict) -> str:
+    """The realism table, the autocorrelation curves and the FC matrices (real | generated | reference)."""
+    from matplotlib.figure import Figure
+
+    r = m["realism"]
+    short = furthest_short(m)
+    line = (f"<p><b>Furthest short of its reference:</b> {html.escape(short[0])} (generated {short[1]:.3f}, "
+            f"reference {short[2]:.3f})</p>" if short else "")
+    table = _table(["figure (vs real test)", "real", "generated", "reference"], [list(row) for row in realism_rows(m)])
+    fc = [(k, a[f"fc_{k}"]) for k in ("real", "generated", "reference") if f"fc_{k}" in a]
+    fig = Figure(figsize=(4.2 * (len(fc) + 1), 3.8), layout="constrained")
+    ax = fig.add_subplot(1, len(fc) + 1, 1)
+    for k, style in (("real", "k-o"), ("generated", "C1-o"), ("reference", "C0--o")):
+        if r.get(f"autocorr_{k}") is not None:
+            values = np.array(r[f"autocorr_{k}"], dtype=float)
+            ax.plot(np.arange(1, len(values) + 1), values, style, label=k)
+    ax.axhline(0, color="0.7", lw=0.8)
+    ax.set_xlabel("lag (frames)")
+    ax.set_title("temporal autocorrelation of residuals", fontsize=10)
+    ax.legend(fontsize=8)
+    for k, (name, mat) in enumerate(fc):
+        ax = fig.add_subplot(1, len(fc) + 1, k + 2)
+        im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu_r")
+        fc_r = {"generated": r.get("fc_corr"), "reference": r.get("fc_corr_reference")}.get(name)
+        ax.set_title(f"FC {name}" + (f"  (r with real {_fmt(fc_r)})" if fc_r is not None else ""), fontsize=10)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    return line + table + f"<p class='sub'>parcels: {html.escape(str(r.get('parcellation')))}</p>" + _png(fig)
 
 
 def _brains(eval_dir: Path, m: dict) -> str:
@@ -78,8 +114,12 @@ def _brains(eval_dir: Path, m: dict) -> str:
     for c in m["conditions"]:
         fig = Figure(figsize=(13, 2.8))
         for k, kind in enumerate(("real", "generated")):
-            img = nib.load(eval_dir / m["maps"][c][kind])
-            values = np.abs(np.asarray(img.dataobj))
+            path = eval_dir / m["maps"][c][kind]
+            try:
+                img = nib.load(path)
+                values = np.abs(np.asarray(img.dataobj))
+            except (OSError, EOFError, ValueError, nib.filebasedimages.ImageFileError) as e:
+                raise FmrisynthError(f"group map missing or damaged ({e}); run `fmrisynth evaluate` again", path) from None
             # show the top 20% of voxels; saturate at the 99.5th percentile so no lone voxel sets the scale
             low, high = np.percentile(values[values > 0], [80, 99.5]) if (values > 0).any() else (0.0, 1.0)
             ax = fig.add_axes((0.5 * k, 0, 0.5, 1))
@@ -172,7 +212,7 @@ def _scaling(scaling_dir: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FmrisynthError(f"cannot read a scaling table ({e}); run `fmrisynth scale` first", path) from None
     fits = data.get("fits", {}) if isinstance(data, dict) else {}
-    keys = [k for k, _, _ in HEADLINE if any(r.get(k) is not None for r in rows)]
+    keys = [k for k, _ in HEADLINE if any(r.get(k) is not None for r in rows)]
     fig = Figure(figsize=(4 * max(len(keys), 1), 3.4), layout="constrained")
     grid = np.geomspace(params.min(), params.max() * 4, 50)
     for k, key in enumerate(keys):
@@ -190,17 +230,29 @@ def _scaling(scaling_dir: Path) -> str:
     return _png(fig)
 
 
-def write_report(eval_dir: str | Path, out: str | Path, scaling: str | Path | None = None) -> Path:
-    """Render ``eval_dir`` (written by ``evaluate``) to the single HTML file ``out``; returns it."""
-    eval_dir, out = Path(eval_dir), Path(out)
+def _load(eval_dir: Path) -> tuple[dict, dict]:
+    """metrics.json and arrays.npz of an evaluation, checked for what the report draws."""
     try:
         m = json.loads((eval_dir / "metrics.json").read_text())
         with np.load(eval_dir / "arrays.npz") as npz:
             a = dict(npz)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
         raise FmrisynthError(f"not an evaluation output ({e}); run `fmrisynth evaluate` first", eval_dir) from None
+    missing = [k for k in REQUIRED if not isinstance(m, dict) or k not in m] + [k for k in ARRAYS if k not in a]
+    if missing:
+        raise FmrisynthError(f"incomplete evaluation (no {missing[0]!r}); run `fmrisynth evaluate` again", eval_dir)
+    return m, a
+
+
+def write_report(eval_dir: str | Path, out: str | Path, scaling: str | Path | None = None) -> Path:
+    """Render ``eval_dir`` (written by ``evaluate``) to the single HTML file ``out``; returns it."""
+    eval_dir, out = Path(eval_dir), Path(out)
+    if out.is_dir():
+        raise FmrisynthError("is a directory; give the report's file name, e.g. report.html", out)
+    m, a = _load(eval_dir)
     sections = [
-        ("Metrics beside the noise ceiling", _metric_tables(m)),
+        ("Metrics beside the references", _metric_tables(m)),
+        ("Realism: does it look like fMRI?", _realism(a, m) if m.get("realism") else "<p>not measured</p>"),
         ("Group activation maps: real vs generated", _brains(eval_dir, m)),
         ("Representational geometry and condition specificity", _matrices(a, m)),
         (f"ROI time courses (ROI: the top {m['roi_fraction']:.0%} voxels of each real map)", _timecourses(a, m)),
@@ -214,8 +266,14 @@ def write_report(eval_dir: str | Path, out: str | Path, scaling: str | Path | No
             f"<p class='sub'>real: {html.escape(m['real'])} ({m['n_real']} clips) &nbsp; generated: "
             f"{html.escape(m['generated'])} ({m['n_generated']} clips) &nbsp; {len(m['conditions'])} conditions</p>"
             f"{body}</body></html>")
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    tmp.write_text(page)
-    tmp.replace(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(page)
+        tmp.replace(out)
+    except OSError as e:
+        raise FmrisynthError(f"cannot write the report ({e.strerror or e})", out) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
     return out

@@ -1,15 +1,14 @@
 """``fmrisynth evaluate``: the whole protocol of DESIGN.md on a real and a generated clip set.
 
-Memory stays bounded by streaming: each clip is read once, fitted by the batched GLM and folded
-into running sums (group beta statistics, the mean clip per condition for ROI time courses, the
-clip-level top-1 tally); of each clip only a fixed random subset of voxels is kept, for the PCA of
-frames and the memorisation check. Real clips go first, because the generated pass needs the real
-maps (clip-level top-1). Outputs are written to a temporary sibling directory that replaces
-``out`` only when everything succeeded:
+The real test clips go first (every other set is judged against their maps), then the generated
+clips, then the yardsticks computed by the same code (``references``): real clips of other people,
+the VQ-GAN's reconstructions of those, and on simulated data the simulator's true maps. Memory
+stays bounded by streaming (``passes``). Outputs are written to a temporary sibling directory that
+replaces ``out`` only when everything succeeded:
 
     metrics.json   the DESIGN.md keys plus per-condition detail
     maps/          real and generated group t maps per condition (NIfTI, the real store's grid)
-    arrays.npz     what the report plots: RDMs, ROI time courses, PCA coordinates, confusion
+    arrays.npz     what the report plots: RDMs, ROI time courses, PCA coordinates, confusion, FC
     config.yaml    the resolved config
 """
 
@@ -20,7 +19,6 @@ import math
 import os
 import re
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,127 +26,37 @@ import numpy as np
 from fmrisynth.config import Config, EvalConfig, save_config
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate import metrics as M
-from fmrisynth.evaluate.clips import ClipSet, open_generated, open_real, read_item
-from fmrisynth.evaluate.glm import GroupMap, clip_glm, design_matrices
+from fmrisynth.evaluate.clips import open_generated, open_real, read_item, split_spec
+from fmrisynth.evaluate.passes import Pass, halves, map_metrics, stream, task_metrics, timecourses
+from fmrisynth.evaluate.realism import c2st, compare, make_probe
+from fmrisynth.evaluate.references import codec_set, reference_set, truth_maps
 
 NO_TASK = {"rest"}  # clips without a task block have no activation map
 
 
-@dataclass
-class Pass:
-    """What one streaming pass over a clip set leaves behind (C conditions, V voxels, F sampled)."""
+def _memorisation(gen: Pass, heldout: Pass, train: np.ndarray, seed: int, margin: float) -> dict:
+    """Nearest-neighbour r of generated clips to training clips (n, T, F) vs to held-out clips.
 
-    rows: np.ndarray  # (n,) table rows of the clips used
-    labels: np.ndarray  # (n,) their condition index
-    maps: list[list[GroupMap]]  # [half][condition] running beta statistics
-    clip_mean: np.ndarray  # (C, T, V) mean clip per condition, for ROI time courses
-    prediction: np.ndarray  # (C, T) mean task regressor: the canonical HRF prediction
-    onset_s: np.ndarray  # (C,) mean block onset within the clip
-    tr: np.ndarray  # (C,) mean TR
-    features: np.ndarray  # (n, T, F) the sampled voxels of every clip
-    assigned: np.ndarray  # (n,) clip-level top-1 assignment (when reference maps were given)
-
-    def group_t(self, half: int | None = None) -> np.ndarray:
-        """(C, V) group t maps of all clips, or of one half."""
-        halves = self.maps if half is None else [self.maps[half]]
-        return np.stack([GroupMap.combine([h[c] for h in halves]).t for c in range(len(self.maps[0]))])
-
-
-def _stream(clips: ClipSet, conditions: list[str], ecfg: EvalConfig, n_vox: int, voxels: np.ndarray,
-            halves: np.ndarray | None = None, references: np.ndarray | None = None) -> Pass:
-    """One pass over the clips of ``conditions``: GLM, running sums, sampled voxels, top-1.
-
-    ``halves`` (0 or 1 per table row) splits the group statistics for the noise ceiling;
-    ``references`` (C, V) are the maps each clip's beta map is assigned to (clip-level top-1).
+    Both candidate sets are subsampled to the same size, so that both maxima are taken over the
+    same number of candidates (a maximum over more clips is higher by chance alone).
     """
-    table = clips.table
-    index = table["condition"].map({c: i for i, c in enumerate(conditions)})
-    rows = np.flatnonzero(index.notna().to_numpy())
-    labels = index.to_numpy()[rows].astype(int)
-    halves = np.zeros(len(table), int) if halves is None else halves
-    n_cond, n_frames = len(conditions), clips.n_frames
-    maps = [[GroupMap(n_vox) for _ in conditions] for _ in range(2)]
-    clip_sum = np.zeros((n_cond, n_frames, n_vox), np.float32)
-    prediction = np.zeros((n_cond, n_frames))
-    features = np.empty((len(rows), n_frames, len(voxels)), np.float32)
-    assigned = np.full(len(rows), -1)
-    for start, (batch, y) in zip(range(0, len(rows), ecfg.batch_clips), clips.batches(rows, ecfg.batch_clips)):
-        sub, lab = table.iloc[batch], labels[start : start + len(batch)]
-        designs = design_matrices(sub["onset_s"].to_numpy(), sub["duration_s"].to_numpy(), sub["tr"].to_numpy(),
-                                  n_frames, ecfg.hrf, ecfg.drift_order)  # (b, T, p)
-        beta, _ = clip_glm(y, designs)  # (b, V)
-        for c, h in set(zip(lab, halves[batch])):
-            maps[h][c].add(beta[(lab == c) & (halves[batch] == h)])
-        for k, c in enumerate(lab):  # clip by clip: no batch-sized temporaries
-            clip_sum[c] += y[k]
-            prediction[c] += designs[k, :, 0]
-        features[start : start + len(batch)] = y[:, :, voxels]
-        if references is not None:
-            assigned[start : start + len(batch)] = M.top1(references, beta, lab)[1]
-    counts = np.bincount(labels, minlength=n_cond)
-    per_clip = lambda column: np.bincount(labels, table[column].to_numpy()[rows], n_cond) / counts  # noqa: E731
-    return Pass(rows, labels, maps, clip_sum / counts[:, None, None], prediction / counts[:, None],
-                per_clip("onset_s"), per_clip("tr"), features, assigned)
-
-
-def _halves(table) -> tuple[np.ndarray, str]:
-    """Two disjoint halves of the real clips for the noise ceiling: by subject, else run, else clip."""
-    for column in ("subject", "run"):
-        levels = sorted(set(table[column]) - {""})
-        if len(levels) >= 2:
-            half_of = {level: i % 2 for i, level in enumerate(levels)}
-            return table[column].map(half_of).fillna(0).to_numpy().astype(int), column
-    return table.groupby("condition").cumcount().to_numpy() % 2, "clip"
-
-
-def _map_metrics(real: np.ndarray, gen: np.ndarray) -> dict:
-    """Map correlation, RSA and map-level top-1 between two (C, V) sets of condition maps."""
-    corr = M.map_corr(real, gen)
-    rdm_real, rdm_gen = M.rdm(real), M.rdm(gen)
-    return {"map_corr_mean": float(np.nanmean(corr)) if np.isfinite(corr).any() else math.nan,
-            "map_corr": corr, "rsa": M.rsa(rdm_real, rdm_gen), "top1_map": M.top1(real, gen, np.arange(len(real)))[0],
-            "rdm_real": rdm_real, "rdm_generated": rdm_gen}
-
-
-def _timecourses(real: Pass, gen: Pass, real_maps: np.ndarray, fraction: float) -> tuple[dict, dict]:
-    """ROI = top voxels of the real map; mean time courses vs each other and vs the HRF prediction."""
-    detail, arrays = {}, {k: [] for k in ("tc_real", "tc_generated", "hrf_real", "hrf_generated")}
-    for c, real_map in enumerate(real_maps):
-        roi = M.roi(real_map, fraction)
-        tc = {"real": real.clip_mean[c][:, roi].mean(1), "generated": gen.clip_mean[c][:, roi].mean(1)}  # (T,)
-        hrf = {"real": real.prediction[c], "generated": gen.prediction[c]}
-        src = {"real": real, "generated": gen}
-        detail[c] = {
-            "corr_generated_real": M.pearson(tc["generated"], tc["real"]),
-            **{f"corr_{k}_hrf": M.pearson(tc[k], hrf[k]) for k in tc},
-            **{f"peak_s_{k}": M.peak_latency(tc[k], src[k].tr[c], src[k].onset_s[c]) for k in tc},
-            "peak_s_hrf": M.peak_latency(hrf["real"], real.tr[c], real.onset_s[c]),
-            "roi_voxels": int(roi.sum()),
-        }
-        for k in tc:
-            arrays[f"tc_{k}"].append(tc[k])
-            arrays[f"hrf_{k}"].append(hrf[k])
-    return detail, {k: np.stack(v) for k, v in arrays.items()}
-
-
-def _memorisation(store, gen: Pass, heldout: Pass, conditions: list[str], voxels: np.ndarray,
-                  seed: int, margin: float) -> dict:
-    """Nearest-neighbour r of generated clips to training clips vs to held-out clips.
-
-    The training clips are subsampled to the number of held-out clips, so that both maxima are
-    taken over the same number of candidates (a maximum over more clips is higher by chance alone).
-    """
-    train = np.concatenate([store.indices(split="train", condition=c) for c in conditions])
     if len(train) == 0:
         return {"train_nn_corr": None, "heldout_nn_corr": None, "flagged": None, "n_train": 0}
     rng = np.random.default_rng(seed)
-    train = np.sort(rng.choice(train, size=min(len(train), len(heldout.features)), replace=False))
+    k = min(len(train), len(heldout.features))
     flat = lambda x: x.reshape(len(x), -1)  # noqa: E731  (n, T, F) -> (n, T * F)
-    train_feats = np.stack([read_item(store, i)[:, voxels] for i in train])  # (n_train, T, F)
-    train_nn = float(M.nearest_corr(flat(gen.features), flat(train_feats)).mean())
-    heldout_nn = float(M.nearest_corr(flat(gen.features), flat(heldout.features)).mean())
+    pick = lambda x: flat(x[np.sort(rng.permutation(len(x))[:k])])  # noqa: E731  k candidates
+    train_nn = float(M.nearest_corr(flat(gen.features), pick(train)).mean())
+    heldout_nn = float(M.nearest_corr(flat(gen.features), pick(heldout.features)).mean())
     return {"train_nn_corr": train_nn, "heldout_nn_corr": heldout_nn,
-            "flagged": bool(train_nn - heldout_nn > margin), "n_train": len(train)}
+            "flagged": bool(train_nn - heldout_nn > margin), "n_train": k}
+
+
+def _train_features(store, conditions: list[str], voxels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """The sampled voxels (n, T, F) of ``n`` random training clips of the store (memorisation)."""
+    train = np.concatenate([store.indices(split="train", condition=c) for c in conditions])
+    train = np.sort(np.random.default_rng(seed).choice(train, size=min(len(train), n), replace=False))
+    return np.stack([read_item(store, i)[:, voxels] for i in train]) if len(train) else np.empty((0,))
 
 
 def _pca(real: Pass, gen: Pass, real_table, gen_table, ecfg: EvalConfig, seed: int) -> tuple[dict, dict]:
@@ -177,6 +85,31 @@ def _pca(real: Pass, gen: Pass, real_table, gen_table, ecfg: EvalConfig, seed: i
     return {**explained, "explained_variance_ratio": pca.explained_variance_ratio_.tolist()}, arrays
 
 
+def _realism(real: Pass, gen: Pass, ref: Pass | None, ecfg: EvalConfig, seed: int, parcellation: str) -> dict:
+    """Realism of the generated clips against the real test set, and of the reference as yardstick."""
+    test = lambda p: c2st(real.features, p.features, seed, ecfg.c2st_components, ecfg.c2st_folds)  # noqa: E731
+    g = compare(real.realism, gen.realism)
+    out = {"variance_ratio": g["variance_ratio"], "global_signal_ratio": g["global_signal_ratio"],
+           "autocorr_real": real.realism["autocorr"], "autocorr_generated": g["autocorr"],
+           "autocorr_max_diff": g["autocorr_max_diff"], "fwhm_real_mm": real.realism["fwhm_mm"],
+           "fwhm_generated_mm": g["fwhm_mm"], "fc_corr": g["fc_corr"], "c2st_accuracy": test(gen)}
+    r = compare(real.realism, ref.realism) if ref is not None else dict.fromkeys(g)
+    out.update({"fc_corr_reference": r["fc_corr"], "c2st_reference": test(ref) if ref is not None else None,
+                "variance_ratio_reference": r["variance_ratio"], "global_signal_ratio_reference": r["global_signal_ratio"],
+                "autocorr_reference": r["autocorr"], "autocorr_max_diff_reference": r["autocorr_max_diff"],
+                "fwhm_reference_mm": r["fwhm_mm"], "parcellation": parcellation,
+                "fwhm_axes_mm": {k: p.realism["fwhm_axes_mm"] for k, p in (("real", real), ("generated", gen), ("reference", ref))
+                                 if p is not None}})
+    return out
+
+
+def _vs_truth(truth: np.ndarray, p: Pass, conditions: list[str]) -> dict:
+    """Map r of a set's group t maps against the simulator's true condition maps (C, V)."""
+    corr = M.map_corr(truth, p.group_t())
+    return {"map_corr_mean": float(np.nanmean(corr)) if np.isfinite(corr).any() else None,
+            "map_corr": dict(zip(conditions, corr))}
+
+
 def _json_safe(x):
     """NaN -> None, numpy scalars and arrays -> Python, so that metrics.json is strict JSON."""
     if isinstance(x, dict):
@@ -194,23 +127,25 @@ def map_name(kind: str, condition: str) -> str:
     return f"maps/{kind}_{re.sub(r'[^A-Za-z0-9.-]+', '-', condition)}_t.nii.gz"
 
 
-def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config) -> dict:
-    """Evaluate generated clips against real ones; write ``out`` (see module docstring).
+def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, reference: str | None = None) -> dict:
+    """Evaluate generated clips against real ones, beside the references; write ``out``.
 
     Args:
         real: ``STORE[:split]``; the split (default ``cfg.eval.split``) holds the held-out clips and
             the store's ``train`` split is what memorisation compares against.
         generated: a ``fmrisynth sample`` directory, or ``STORE[:split]`` (e.g. real-vs-real).
         out: the output directory (replaced if it holds an earlier evaluation).
+        reference: ``STORE:split`` of real clips of other people (default: the real store's
+            ``cfg.eval.reference_split``; then a store without one is evaluated without a reference).
 
     Returns:
         The metrics written to ``out/metrics.json``.
     """
     import nibabel as nib
 
-    out, ecfg = Path(out), cfg.eval
-    if out.exists() and any(out.iterdir()) and not (out / "metrics.json").is_file():
-        raise FmrisynthError("output directory exists and is not an evaluation; choose another --out", out)
+    out, ecfg, seed = Path(out), cfg.eval, cfg.seed
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
+        raise FmrisynthError("output exists and is not an evaluation; choose another --out", out)
     store, real_set = open_real(real, ecfg.split)
     gen_set = open_generated(generated, store, real_set.n_frames)
     conditions = [c for c in store.conditions if c in set(gen_set.table["condition"]) - NO_TASK]
@@ -220,33 +155,66 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config) -> 
         if not (real_set.table["condition"] == c).any():
             raise FmrisynthError(f"condition {c!r} has generated clips but no real clips in {real_set.name}", store.path)
 
-    n_vox = int(store.mask.sum())
-    voxels = np.sort(np.random.default_rng(cfg.seed).choice(n_vox, min(n_vox, ecfg.feature_voxels), replace=False))
-    halves, split_by = _halves(real_set.table)
-    real_pass = _stream(real_set, conditions, ecfg, n_vox, voxels, halves=halves)
-    real_maps = real_pass.group_t()  # (C, V)
-    gen_pass = _stream(gen_set, conditions, ecfg, n_vox, voxels, references=real_maps)
-    gen_maps = gen_pass.group_t()
+    notes = []
+    counts = {c: int((gen_set.table["condition"] == c).sum()) for c in conditions}
+    ref_spec = reference or f"{store.path}:{ecfg.reference_split}"
+    try:
+        ref_set, ref_info = reference_set(ref_spec, store, real_set, counts, seed)
+    except FmrisynthError as e:
+        if reference is not None:
+            raise
+        ref_set, ref_info = None, {}
+        notes.append(f"no reference: {e}")
+    codec, codec_source = codec_set(gen_set, ref_set, store) if ref_set is not None else (None, "no reference clips")
+    if codec is None:
+        notes.append(f"no codec reference: {codec_source}")
+    truth, truth_source = truth_maps(store, conditions)
+    if truth is None:
+        notes.append(f"no truth: {truth_source}")
 
-    main = _map_metrics(real_maps, gen_maps)
-    ceiling = _map_metrics(real_pass.group_t(0), real_pass.group_t(1))
-    hrf, tc_arrays = _timecourses(real_pass, gen_pass, real_maps, ecfg.roi_fraction)
-    pca, pca_arrays = _pca(real_pass, gen_pass, real_set.table, gen_set.table, ecfg, cfg.seed)
+    n_vox = int(store.mask.sum())
+    voxels = np.sort(np.random.default_rng(seed).choice(n_vox, min(n_vox, ecfg.feature_voxels), replace=False))
+    grid = store.header.get("grid")
+    mni = grid is not None and _is_named_grid(grid, store)
+    probe = make_probe(store.mask, store.affine, mni, ecfg.parcels, seed)
+    split_of, split_by = halves(real_set.table)
+    run = lambda clips, **kw: stream(clips, conditions, ecfg, n_vox, voxels, probe, **kw)  # noqa: E731
+    real_pass = run(real_set, halves=split_of)
+    real_maps = real_pass.group_t()  # (C, V)
+    gen_pass = run(gen_set, references=real_maps)
+    gen_maps = gen_pass.group_t()
+    ref_pass = run(ref_set, references=real_maps) if ref_set is not None else None
+    codec_pass = run(codec, references=real_maps) if codec is not None else None
+
+    main = map_metrics(real_maps, gen_maps)
+    generated_row = task_metrics(real_pass, gen_pass, real_maps, conditions, ecfg.roi_fraction)
+    ceiling = map_metrics(real_pass.group_t(0), real_pass.group_t(1))
+    hrf, tc_arrays = timecourses(real_pass, gen_pass, real_maps, ecfg.roi_fraction)
+    pca, pca_arrays = _pca(real_pass, gen_pass, real_set.table, gen_set.table, ecfg, seed)
     confusion = np.zeros((len(conditions),) * 2, int)
     np.add.at(confusion, (gen_pass.labels, gen_pass.assigned), 1)
-    hrf_corr = [d["corr_generated_hrf"] for d in hrf.values()]
+    ref_is_train = ref_set is not None and split_spec(ref_spec, None) == (store.path, "train")
+    train = ref_pass.features if ref_is_train else _train_features(store, conditions, voxels, len(real_pass.rows), seed)
     result = {
-        "map_corr_mean": main["map_corr_mean"],
-        "map_corr": dict(zip(conditions, main["map_corr"])),
-        "rsa": main["rsa"],
-        "top1_map": main["top1_map"],
-        "top1_clip": float(np.mean(gen_pass.assigned == gen_pass.labels)),
-        "hrf_corr_mean": float(np.nanmean(hrf_corr)) if np.isfinite(hrf_corr).any() else None,
+        **{k: generated_row[k] for k in ("map_corr_mean", "map_corr", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")},
         "hrf_corr_real_mean": float(np.nanmean([d["corr_real_hrf"] for d in hrf.values()])),
+        "reference": None if ref_pass is None else {
+            **task_metrics(real_pass, ref_pass, real_maps, conditions, ecfg.roi_fraction), **ref_info},
         "ceiling": {"map_corr_mean": ceiling["map_corr_mean"], "rsa": ceiling["rsa"], "top1_map": ceiling["top1_map"],
                     "map_corr": dict(zip(conditions, ceiling["map_corr"])), "split_by": split_by,
-                    "n_halves": np.bincount(halves[real_pass.rows], minlength=2).tolist()},
-        "memorisation": _memorisation(store, gen_pass, real_pass, conditions, voxels, cfg.seed, ecfg.memorisation_margin),
+                    "n_halves": np.bincount(split_of[real_pass.rows], minlength=2).tolist()},
+        "codec": None if codec_pass is None else {
+            **{k: v for k, v in task_metrics(real_pass, codec_pass, real_maps, conditions, ecfg.roi_fraction).items()
+               if k in ("map_corr_mean", "rsa", "top1_map", "n")},
+            "variance_ratio": compare(real_pass.realism, codec_pass.realism)["variance_ratio"],
+            "c2st_accuracy": c2st(real_pass.features, codec_pass.features, seed, ecfg.c2st_components, ecfg.c2st_folds),
+            "vqgan_checkpoint": codec_source},
+        "truth": None if truth is None else {
+            **{k: _vs_truth(truth, p, conditions) for k, p in (("real", real_pass), ("reference", ref_pass),
+                                                                ("generated", gen_pass)) if p is not None},
+            "source": truth_source},
+        "realism": _realism(real_pass, gen_pass, ref_pass, ecfg, seed, probe.parcellation),
+        "memorisation": _memorisation(gen_pass, real_pass, train, seed, ecfg.memorisation_margin),
         "hrf": {conditions[c]: d for c, d in hrf.items()},
         "roi_fraction": ecfg.roi_fraction,
         "pca": pca,
@@ -257,9 +225,12 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config) -> 
         "conditions": conditions,
         "real": str(real),
         "generated": str(generated),
+        "notes": notes,
         "maps": {c: {k: map_name(k, c) for k in ("real", "generated")} for c in conditions},
     }
     result = _json_safe(result)
+    fc = {f"fc_{k}": p.realism["fc"] for k, p in (("real", real_pass), ("generated", gen_pass), ("reference", ref_pass))
+          if p is not None}
 
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -271,13 +242,26 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config) -> 
         np.savez_compressed(
             tmp / "arrays.npz", conditions=np.array(conditions), confusion=confusion, tr=real_pass.tr,
             onset_real=real_pass.onset_s, onset_generated=gen_pass.onset_s, rdm_real=main["rdm_real"],
-            rdm_generated=main["rdm_generated"], **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()},
+            rdm_generated=main["rdm_other"], **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()}, **fc,
         )
         save_config(cfg, tmp / "config.yaml")
         (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(out)
+    except OSError as e:
+        raise FmrisynthError(f"cannot write the evaluation ({e.strerror or e})", out) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _is_named_grid(name: str, store) -> bool:
+    """Whether the store lies on the named MNI grid (so that atlas coordinates mean something)."""
+    from fmrisynth.data.grid import get_grid
+
+    try:
+        grid = get_grid(name)
+    except FmrisynthError:
+        return False
+    return tuple(grid.shape) == tuple(store.grid_shape) and np.allclose(grid.affine, store.affine, atol=1e-3)

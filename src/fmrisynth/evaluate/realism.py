@@ -1,0 +1,212 @@
+"""Does a clip set look like fMRI, apart from the task? (DESIGN.md protocol, step 4.)
+
+Every statistic is computed the same way for each clip set and compared with the real test set:
+
+* voxel variance and temporal autocorrelation (lags 1-5) of the residuals after removing each
+  clip's voxel means, on the run's randomly sampled voxels (a few thousand voxels estimate a pooled
+  ratio to the third decimal, and the full brain would cost a pass per lag);
+* the within-clip variance of the global signal (the in-mask mean of each frame);
+* spatial smoothness: FWHM in mm per axis from the variance of neighbour differences (the classic
+  AFNI 3dFWHMx / FSL smoothest estimator), on a seeded subset of neighbour pairs;
+* functional connectivity: parcel-mean time courses, one correlation matrix per clip, averaged;
+* a classifier two-sample test: logistic regression on PCA features of whole clips.
+
+``Realism`` streams over batches of clips; everything is a sum, so memory stays at one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from fmrisynth.evaluate import metrics as M
+
+LAGS = 5
+MAX_PAIRS = 4096  # neighbour pairs per axis for the FWHM: the estimate is a ratio of means over pairs
+PARCEL_VOXELS = 32  # voxels averaged per parcel: the mean of 32 already follows the parcel's shared signal
+
+
+@dataclass
+class Probe:
+    """Where realism is measured, the same for every clip set of one evaluation.
+
+    Attributes:
+        pairs: per axis, (2, P) in-mask voxel indices of neighbours along that axis.
+        voxel_mm: (3,) voxel size along each axis.
+        parcel_voxels: (U,) in-mask voxels that enter the parcel means (at most PARCEL_VOXELS per parcel).
+        parcels: scipy.sparse (U, K) averaging matrix: column k holds 1/size at the voxels of parcel k.
+        parcellation: what the parcels are ("glasser-360" or "kmeans-100").
+    """
+
+    pairs: list[np.ndarray]
+    voxel_mm: np.ndarray
+    parcel_voxels: np.ndarray
+    parcels: object
+    parcellation: str
+
+
+def _glasser(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    """Glasser parcel (1..360, 0 = none) of each in-mask voxel, from the labelled surface in our wheel.
+
+    A voxel takes the label of its nearest midthickness vertex when that vertex lies within the
+    cortical half-thickness plus the voxel's half-diagonal (as the simulator paints its maps).
+    """
+    from scipy.spatial import cKDTree
+
+    from fmrisynth.data.sim_anatomy import load_asset
+
+    asset = load_asset()
+    mm = np.argwhere(mask) @ affine[:3, :3].T + affine[:3, 3]  # (V, 3)
+    dist, nearest = cKDTree(asset["vertex_mm"].astype(np.float32)).query(mm)
+    limit = 1.5 + np.sqrt((affine[:3, :3] ** 2).sum(0)).max() * np.sqrt(3) / 2
+    return np.where(dist <= limit, asset["vertex_label"][nearest], 0)
+
+
+def _kmeans(mask: np.ndarray, n_parcels: int, seed: int) -> np.ndarray:
+    """A seeded k-means parcellation of the mask's voxel coordinates (1..K): compact blobs of similar size."""
+    from sklearn.cluster import KMeans
+
+    coords = np.argwhere(mask).astype(np.float32)  # (V, 3)
+    k = max(1, min(n_parcels, len(coords)))
+    fit = coords[np.random.default_rng(seed).permutation(len(coords))[:20000]]  # fitting on all voxels buys nothing
+    return KMeans(k, n_init=1, random_state=seed).fit(fit).predict(coords) + 1
+
+
+def make_probe(mask: np.ndarray, affine: np.ndarray, mni: bool, n_parcels: int, seed: int) -> Probe:
+    """Neighbour pairs and parcels of a brain mask: Glasser parcels on MNI grids, else k-means."""
+    import scipy.sparse as sp
+
+    index = np.full(mask.shape, -1)
+    index[mask] = np.arange(int(mask.sum()))
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for axis in range(3):
+        a, b = np.moveaxis(index, axis, 0)[:-1], np.moveaxis(index, axis, 0)[1:]
+        both = (a >= 0) & (b >= 0)
+        p = np.stack([a[both], b[both]])  # (2, P)
+        pairs.append(p[:, np.sort(rng.permutation(p.shape[1])[:MAX_PAIRS])])
+    labels = _glasser(mask, affine) if mni else _kmeans(mask, n_parcels, seed)
+    name = "glasser-360" if mni else f"kmeans-{n_parcels}"
+    order = rng.permutation(len(labels))  # a random subset of each parcel: the first PARCEL_VOXELS in this order
+    first = np.zeros(len(labels), bool)
+    for label in np.unique(labels[labels > 0]):
+        first[order[labels[order] == label][:PARCEL_VOXELS]] = True
+    voxels = np.flatnonzero(first)
+    _, column = np.unique(labels[voxels], return_inverse=True)
+    sizes = np.bincount(column)
+    parcels = sp.csr_matrix((1.0 / sizes[column], (np.arange(len(voxels)), column)), shape=(len(voxels), len(sizes)),
+                            dtype=np.float32)
+    return Probe(pairs, np.sqrt((affine[:3, :3] ** 2).sum(0)), voxels, parcels, name)
+
+
+class Realism:
+    """Running sums over the clips of one set: global signal, neighbour differences, FC."""
+
+    def __init__(self, probe: Probe):
+        self.probe = probe
+        self.n = 0
+        self.global_var = 0.0
+        self.diff_sq = np.zeros(3)  # per axis: sum of squared neighbour differences of the residuals
+        self.pair_sq = np.zeros(3)  # per axis: sum of squared residuals at the pairs' voxels
+        k = probe.parcels.shape[1]
+        self.fc_sum = np.zeros((k, k))
+
+    def add(self, y: np.ndarray) -> None:
+        """Fold in a batch of clips, (b, T, V) float32."""
+        b, n_frames = y.shape[:2]
+        self.n += b
+        self.global_var += float(y.mean(axis=2).var(axis=1, dtype=np.float64).sum())
+        sq = lambda x: float(np.einsum("btp,btp->", x, x))  # noqa: E731  (float32 dot, blocked: accurate)
+        for axis, (i, j) in enumerate(self.probe.pairs):
+            yi, yj = y[:, :, i], y[:, :, j]  # (b, T, P)
+            ri, rj = yi - yi.mean(1, keepdims=True), yj - yj.mean(1, keepdims=True)
+            self.diff_sq[axis] += sq(rj - ri)
+            self.pair_sq[axis] += 0.5 * (sq(ri) + sq(rj))
+        sub = y[:, :, self.probe.parcel_voxels].reshape(b * n_frames, -1)  # (b * T, U)
+        tc = np.asarray(sub @ self.probe.parcels).reshape(b, n_frames, -1)  # (b, T, K) parcel means
+        z = tc - tc.mean(1, keepdims=True)
+        norm = np.linalg.norm(z, axis=1, keepdims=True)
+        z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
+        self.fc_sum += np.einsum("btk,btl->kl", z, z, dtype=np.float64)  # per clip r, summed
+
+    def summary(self, features: np.ndarray) -> dict:
+        """The set's statistics; ``features`` (n, T, F) are its clips at the sampled voxels."""
+        variance, autocorr = residual_moments(features)
+        fwhm = fwhm_mm(self.diff_sq, self.pair_sq, self.probe.voxel_mm)
+        return {"variance": variance, "autocorr": autocorr, "global_var": self.global_var / max(self.n, 1),
+                "fwhm_axes_mm": fwhm, "fwhm_mm": float(np.prod(fwhm) ** (1 / 3)),
+                "fc": (self.fc_sum / max(self.n, 1)).astype(np.float32)}
+
+
+def residual_moments(features: np.ndarray, lags: int = LAGS) -> tuple[float, np.ndarray]:
+    """Mean within-clip variance and pooled autocorrelation at lags 1..``lags`` of (n, T, F) clips.
+
+    Residuals are the clips less each clip's voxel means; the autocorrelation at lag k is
+    sum r_t r_(t+k) / sum r_t^2 over clips, voxels and frames (the usual biased estimator, the same
+    bias for every set of equally long clips).
+    """
+    n_frames = features.shape[1]
+    lags = min(lags, n_frames - 1)
+    sq, cross = 0.0, np.zeros(lags)
+    for start in range(0, len(features), 64):  # chunks: a residual copy of every clip at once is large
+        r = features[start : start + 64].astype(np.float64)
+        r -= r.mean(1, keepdims=True)
+        sq += float(np.square(r).sum())
+        cross += [float((r[:, k:] * r[:, :-k]).sum()) for k in range(1, lags + 1)]
+    variance = sq / max(features.size, 1)
+    return variance, cross / sq if sq > 0 else np.full(lags, np.nan)
+
+
+def fwhm_mm(diff_sq: np.ndarray, pair_sq: np.ndarray, voxel_mm: np.ndarray) -> np.ndarray:
+    """FWHM per axis (mm) from neighbour differences, assuming a Gaussian spatial autocorrelation.
+
+    For a Gaussian field the neighbour correlation is rho = 1 - var(diff) / (2 var) and the FWHM is
+    voxel * sqrt(-2 ln 2 / ln rho); no positive neighbour correlation gives 0 (white noise).
+    """
+    rho = 1.0 - np.divide(diff_sq, 2 * pair_sq, out=np.ones(3), where=pair_sq > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fwhm = voxel_mm * np.sqrt(-2 * np.log(2) / np.log(np.clip(rho, 1e-12, 1 - 1e-12)))
+    return np.where(rho > 0, fwhm, 0.0)
+
+
+def upper_corr(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of the upper triangles (above the diagonal) of two square matrices."""
+    iu = np.triu_indices(len(a), k=1)
+    return M.pearson(a[iu], b[iu]) if len(iu[0]) >= 2 else math.nan
+
+
+def c2st(a: np.ndarray, b: np.ndarray, seed: int, components: int = 50, folds: int = 5) -> float:
+    """Classifier two-sample test: cross-validated accuracy telling clips (n, ...) of ``a`` from ``b``.
+
+    The larger set is subsampled (seeded) to the smaller one, so chance is exactly 0.5; clips are
+    flattened, projected on the pooled set's top principal components (labels unused, so no leak),
+    standardised and classified by an L2 logistic regression, with stratified shuffled folds.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_score
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(seed)
+    n = min(len(a), len(b))
+    folds = min(folds, n)
+    if folds < 2:
+        return math.nan
+    x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]]).reshape(2 * n, -1)
+    y = np.repeat([0, 1], n)
+    k = min(components, *x.shape)
+    z = PCA(k, random_state=seed).fit_transform(x)  # (2n, k); randomized SVD on large sets
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    return float(cross_val_score(model, z, y, cv=cv).mean())
+
+
+def compare(real: dict, other: dict) -> dict:
+    """The yardsticks of ``other`` against the real test set's statistics (both from ``summary``)."""
+    ratio = lambda k: other[k] / real[k] if real[k] > 0 else math.nan  # noqa: E731
+    return {"variance_ratio": ratio("variance"), "global_signal_ratio": ratio("global_var"),
+            "autocorr": other["autocorr"], "autocorr_max_diff": float(np.max(np.abs(other["autocorr"] - real["autocorr"]))),
+            "fwhm_mm": other["fwhm_mm"], "fc_corr": upper_corr(real["fc"], other["fc"])}
