@@ -7,7 +7,7 @@ from fmrisynth.cli import main
 from fmrisynth.config import ModelConfig
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.backbone import VARIANTS, Backbone
-from fmrisynth.models.blocks import DesignEmbedder, LabelEmbedder, ResBlock, TransformerBlock
+from fmrisynth.models.blocks import DesignEmbedder, LabelEmbedder, ResBlock, TemporalConv, TransformerBlock, rope
 from fmrisynth.models.presets import LATENT_SHAPES, PRESETS, build_denoiser, count_params, gflops
 
 SMALL = dict(widths=(8, 16, 16), depths=(1, 1, 1), kinds=("conv", "attn", "attn"), head_dim=8)
@@ -15,16 +15,68 @@ SMALL = dict(widths=(8, 16, 16), depths=(1, 1, 1), kinds=("conv", "attn", "attn"
 
 def inputs(b, frames, channels, *spatial, n_classes=3):
     torch.manual_seed(0)
-    return (torch.randn(b, frames * channels, *spatial), torch.randint(0, 1000, (b,)),
+    return (torch.randn(b, frames, channels, *spatial), torch.randint(0, 1000, (b,)),
             torch.randint(0, n_classes + 1, (b,)), torch.rand(b, frames))  # fmt: skip
+
+
+def trained_like(model):
+    """The model with every weight random, so that zero-initialised paths carry signal."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("spatial", [(8, 10, 8), (5, 7, 3)])
 def test_every_variant_maps_odd_latents_to_their_own_shape(variant, spatial):
-    model = Backbone(3, 2, n_classes=3, variant=variant, patch=(2, 1, 1), **SMALL)
+    model = Backbone(2, n_classes=3, variant=variant, patch=(2, 1, 1), **SMALL)
     x, t, label, design = inputs(2, 3, 2, *spatial)
     assert model(x, t, label, design).shape == x.shape
+
+
+def test_one_model_runs_any_clip_length_with_the_same_weights():
+    model = trained_like(Backbone(2, n_classes=3, **SMALL)).eval()
+    for frames in (4, 9, 64):
+        x, t, label, design = inputs(1, frames, 2, 4, 4, 4)
+        out = model(x, t, label, design)
+        assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("variant", ["all-cnn", "all-transformer"])
+def test_frames_mix_across_time_in_conv_and_transformer_levels(variant):
+    """Changing frame 0 changes the prediction at the other frames: the clip is one sample, not T."""
+    model = trained_like(Backbone(2, n_classes=3, variant=variant, **SMALL)).eval()
+    x, t, label, design = inputs(1, 6, 2, 4, 4, 4)
+    y = x.clone()
+    y[:, 0] += 1.0
+    delta = (model(x, t, label, design) - model(y, t, label, design)).abs()  # (1, T, c, d, h, w)
+    assert delta[:, 1:].amax() > 1e-4
+
+
+def test_frames_are_processed_alike_apart_from_their_neighbours():
+    """Spatial layers are shared over frames: a constant clip with a constant design stays constant in time."""
+    model = trained_like(Backbone(2, n_classes=3, variant="all-transformer", **SMALL)).eval()
+    x = torch.randn(1, 1, 2, 4, 4, 4).expand(1, 5, 2, 4, 4, 4).contiguous()
+    out = model(x, torch.tensor([10]), torch.tensor([1]), torch.zeros(1, 5))
+    # attention is permutation-equivariant and the design is constant, so all frames agree exactly
+    assert torch.allclose(out[:, 1:], out[:, :1].expand_as(out[:, 1:]), atol=1e-5)
+
+
+def test_rotary_positions_make_attention_scores_depend_on_offsets_only():
+    torch.manual_seed(0)
+    q, k = torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8), torch.randn(1, 1, 1, 8).expand(1, 1, 12, 8)
+    scores = rope(q) @ rope(k).transpose(-1, -2)  # (1, 1, 12, 12)
+    for offset in (1, 3):
+        diag = torch.diagonal(scores[0, 0], offset)
+        assert torch.allclose(diag, diag[:1].expand_as(diag), atol=1e-5)
+
+
+def test_untrained_model_predicts_zero_the_direct_path_of_v_prediction():
+    model = Backbone(2, n_classes=3, **SMALL)
+    x, t, label, design = inputs(2, 4, 2, 4, 4, 4)
+    assert torch.equal(model(x, t, label, design), torch.zeros_like(x))
 
 
 @pytest.mark.parametrize("preset", ["tiny", "s0.3m"])
@@ -32,20 +84,21 @@ def test_cpu_presets_run_at_the_demo_latent(preset):
     shape = LATENT_SHAPES["6mm"]
     model = build_denoiser(ModelConfig(preset=preset), shape, n_classes=7)
     x, t, label, design = inputs(1, *shape, n_classes=7)
-    assert model(x, t, label, design).shape == (1, 80, 8, 10, 8)
+    assert model(x, t, label, design).shape == (1, 20, 4, 8, 10, 8)
 
 
 @pytest.mark.parametrize("adaln, xattn", [(True, True), (True, False), (False, True)])
 def test_transformer_block_is_the_identity_at_init(adaln, xattn):
     block = TransformerBlock(16, 2, cond_dim=12, adaln=adaln, xattn=xattn)
-    x = torch.randn(2, 30, 16)
-    assert torch.equal(block(x, torch.randn(2, 12), torch.randn(2, 5, 12)), x)
+    x = torch.randn(2 * 3, 30, 16)  # (B*T, N, dim), B = 2, T = 3
+    assert torch.equal(block(x, torch.randn(6, 12), torch.randn(2, 5, 12), frames=3), x)
 
 
-def test_film_block_is_the_identity_at_init_and_conditioned_after():
-    block = ResBlock(8, cond_dim=6)
+def test_film_and_temporal_blocks_are_the_identity_at_init_and_conditioned_after():
+    block, temporal = ResBlock(8, cond_dim=6), TemporalConv(8, cond_dim=6)
     x = torch.randn(2, 8, 3, 4, 5)
     assert torch.equal(block(x, torch.randn(2, 6)), x)
+    assert torch.equal(temporal(x, torch.randn(2, 6), frames=2), x)
     torch.nn.init.normal_(block.conv2.weight)
     c = torch.randn(1, 6).expand(2, 6).clone()
     c[1] += 1.0
@@ -53,18 +106,23 @@ def test_film_block_is_the_identity_at_init_and_conditioned_after():
     assert not torch.allclose(out[0], out[1])  # the embedding's scale and shift reach the output
 
 
-def test_label_embedder_has_a_null_row_and_design_embedder_sees_timing():
+def test_label_embedder_has_a_null_row_and_design_tokens_see_the_timing():
     emb = LabelEmbedder(n_classes=4, dim=6)
     assert emb.table.num_embeddings == 5 and emb.null == 4
-    pooled, tokens = DesignEmbedder(frames=10, dim=6)(torch.rand(3, 10))
-    assert pooled.shape == (3, 6) and tokens.shape == (3, 10, 6)
+    design = DesignEmbedder(dim=6)
+    boxcar = torch.zeros(2, 30)
+    boxcar[0, 5:15], boxcar[1, 10:20] = 1, 1  # the same block, shifted by 5 frames
+    tokens = design(boxcar)  # (2, 30, 6)
+    assert tokens.shape == (2, 30, 6)
+    assert torch.allclose(tokens[0, 2:22], tokens[1, 7:27], atol=1e-6)  # convolutional: shift-equivariant
+    assert not torch.allclose(tokens[0, 2:22], tokens[1, 2:22])
 
 
 def test_bad_architecture_is_a_clear_error():
     with pytest.raises(ValueError, match="one entry per level"):
-        Backbone(2, 2, 3, widths=(8, 16), depths=(1,), kinds=("conv", "attn"))
+        Backbone(2, 3, widths=(8, 16), depths=(1,), kinds=("conv", "attn"))
     with pytest.raises(ValueError, match="unknown variant"):
-        Backbone(2, 2, 3, variant="nope", **SMALL)
+        Backbone(2, 3, variant="nope", **SMALL)
     with pytest.raises(FmrisynthError, match="unknown preset"):
         build_denoiser(ModelConfig(preset="huge"), (2, 2, 4, 4, 4), 3)
 
@@ -79,12 +137,14 @@ def test_reference_grid_and_ablations_match_the_published_sizes(preset):
     assert abs(params / REFERENCE_GRID.get(preset, 236.5e6) - 1) < 0.05
 
 
-def test_gflops_counts_attention_and_scales_with_the_latent():
-    model = Backbone(3, 2, 3, **SMALL)
-    small, large = gflops(model, (3, 2, 4, 4, 4)), gflops(model, (3, 2, 8, 8, 8))
-    assert 0 < small < large
-    attn_free = Backbone(3, 2, 3, variant="all-cnn", **SMALL)
-    assert gflops(attn_free, (3, 2, 8, 8, 8)) > 0
+def test_gflops_counts_attention_quadratically_and_frames_linearly():
+    conv = Backbone(2, 3, variant="all-cnn", **SMALL)
+    attn = Backbone(2, 3, variant="all-transformer", **SMALL)
+    # conv FLOPs grow with the voxel count (x8), attention FLOPs with its square: the ratio says which were counted
+    conv_ratio = gflops(conv, (3, 2, 8, 8, 8)) / gflops(conv, (3, 2, 4, 4, 4))
+    attn_ratio = gflops(attn, (3, 2, 8, 8, 8)) / gflops(attn, (3, 2, 4, 4, 4))
+    assert 7.0 < conv_ratio < 8.5 and attn_ratio > conv_ratio + 1.0
+    assert gflops(conv, (6, 2, 4, 4, 4)) == pytest.approx(2 * gflops(conv, (3, 2, 4, 4, 4)), rel=0.05)
 
 
 def test_presets_json_matches_the_models_actually_built(capsys, monkeypatch):

@@ -18,7 +18,7 @@ def tiny(latent_shape):
 
 def inputs(latent_shape, batch=2):
     frames, c, d, h, w = latent_shape
-    x = torch.randn(batch, frames * c, d, h, w)
+    x = torch.randn(batch, frames, c, d, h, w)
     t = torch.randint(0, 1000, (batch,))
     label = torch.arange(batch) % N_CLASSES
     design = (torch.arange(frames) >= 3).float().expand(batch, frames)

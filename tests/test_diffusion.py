@@ -7,7 +7,7 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.backbone import Backbone
 
 SMALL = dict(widths=(8, 16), depths=(1, 1), kinds=("conv", "attn"), head_dim=8)
-SHAPE = (4, 4, 4, 4)  # (T*c, d, h, w) with T = 2, c = 2
+SHAPE = (2, 2, 4, 4, 4)  # (T, c, d, h, w)
 
 
 @pytest.fixture(autouse=True)
@@ -21,7 +21,7 @@ def one_thread():
 
 def tiny_model(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
-    return Backbone(frames=2, channels=2, n_classes=2, **SMALL)
+    return Backbone(channels=2, n_classes=2, **SMALL)
 
 
 @pytest.mark.parametrize("schedule, monai_name", [("linear", "linear_beta"), ("scaled-linear", "scaled_linear_beta"), ("cosine", "cosine")])
@@ -89,12 +89,12 @@ def test_dropped_condition_becomes_the_null_label_and_zero_design(cond_drop):
 def test_guidance_mixes_conditional_and_unconditional_predictions():
     class Linear(torch.nn.Module):  # output = label, so cond = label and uncond = null
         def forward(self, x, t, label, design):
-            return label.float().reshape(-1, 1, 1, 1, 1).expand_as(x).clone()
+            return label.float().reshape(-1, 1, 1, 1, 1, 1).expand_as(x).clone()
 
     diffusion = Diffusion(DiffusionConfig(), null_label=2)
     x, label, design = torch.zeros(2, *SHAPE), torch.tensor([0, 1]), torch.rand(2, 2)
-    assert torch.equal(diffusion.predict(Linear(), x, 10, label, design, guidance=1.0)[:, 0, 0, 0, 0], torch.tensor([0.0, 1.0]))
-    mixed = diffusion.predict(Linear(), x, 10, label, design, guidance=3.0)[:, 0, 0, 0, 0]
+    assert torch.equal(diffusion.predict(Linear(), x, 10, label, design, guidance=1.0)[:, 0, 0, 0, 0, 0], torch.tensor([0.0, 1.0]))
+    mixed = diffusion.predict(Linear(), x, 10, label, design, guidance=3.0)[:, 0, 0, 0, 0, 0]
     assert torch.allclose(mixed, 2 + 3 * (torch.tensor([0.0, 1.0]) - 2))  # uncond + g (cond - uncond)
 
 
@@ -157,3 +157,33 @@ def test_bad_diffusion_settings_are_clear_errors():
         diffusion.timesteps(0)
     with pytest.raises(FmrisynthError, match="sampler"):
         diffusion.sample(Recorder(), torch.tensor([0]), torch.zeros(1, 2), SHAPE, sampler="euler")
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+@pytest.mark.parametrize("weighting", ["plain", "min-snr"])
+def test_reference_losses_match_the_best_linear_denoiser_by_monte_carlo(prediction, weighting):
+    """The closed form equals the loss of the optimal per-element affine denoiser, simulated."""
+    diffusion = Diffusion(DiffusionConfig(prediction=prediction, weighting=weighting), null_label=2)
+    g = torch.Generator().manual_seed(0)
+    s2 = torch.tensor([0.2, 1.0, 3.0]).repeat(2000)  # (E,) element variances
+    ref = diffusion.reference_losses(s2)
+    t = torch.randint(0, 1000, (s2.numel(),), generator=g)
+    a2 = diffusion.alpha_bar[t]
+    a, b = a2.sqrt(), (1 - a2).sqrt()
+    x0, eps = torch.randn(s2.numel(), generator=g, dtype=torch.float64) * s2.sqrt(), torch.randn(s2.numel(), generator=g, dtype=torch.float64)
+    xt = a * x0 + b * eps
+    target = eps if prediction == "eps" else a * eps - b * x0
+    cov = b if prediction == "eps" else a * b * (1 - s2)
+    best = cov / (a2 * s2 + b**2) * xt  # E[target | x_t] for zero-mean Gaussian elements
+    mc = float((diffusion.weights(t) * (target - best) ** 2).mean())
+    assert mc == pytest.approx(ref["ref_loss_gaussian"], rel=0.05)
+
+
+def test_untrained_v_model_scores_the_white_reference_on_white_data():
+    """The direct path: with v-prediction a zero output is the best denoiser of unit white noise."""
+    diffusion = Diffusion(DiffusionConfig(prediction="v", cond_drop=0.0), null_label=2)
+    model = tiny_model()  # output layer zero-initialised
+    torch.manual_seed(0)
+    losses = [float(diffusion.loss(model, torch.randn(8, *SHAPE), torch.zeros(8, dtype=torch.long), torch.rand(8, 2)))
+              for _ in range(10)]  # fmt: skip
+    assert sum(losses) / len(losses) == pytest.approx(diffusion.reference_losses(torch.ones(1))["ref_loss_white"], rel=0.05)

@@ -197,7 +197,7 @@ def _train_vae(args):
     def encode() -> None:  # under torchrun: rank 0 only, the other ranks wait
         if args.resume:  # latents of an earlier checkpoint are stale
             shutil.rmtree(latents, ignore_errors=True)
-        encode_store(checkpoint, args.store, latents, progress=not args.quiet)
+        encode_store(checkpoint, args.store, latents, progress=not args.quiet, stage2=cfg.stage2, seed=cfg.seed)
 
     main_only(encode)
     if is_main():

@@ -90,9 +90,14 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    """Noise schedule, objective and sampler (reference: DDPM, eps, linear 0.0015->0.0195, 1000)."""
+    """Noise schedule, objective and sampler (reference: DDPM, eps, linear 0.0015->0.0195, 1000).
 
-    prediction: str = "eps"  # "eps" or "v"
+    ``v`` with the zero-initialised output layer is EDM's preconditioning for unit-variance
+    latents: the untrained model is the best linear denoiser (see models/diffusion.py).
+    """
+
+    prediction: str = "v"  # "v" or "eps" (the reference's)
+    weighting: str = "plain"  # loss weight per timestep: "plain" or "min-snr" (Hang et al. 2023, gamma 5)
     schedule: str = "linear"  # "linear", "scaled-linear" (linear in sqrt(beta), as in LDM) or "cosine"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
@@ -101,6 +106,16 @@ class DiffusionConfig:
     guidance: float = 2.0
     sampler: str = "ddim"  # "ddpm" or "ddim"
     sample_steps: int = 50
+
+
+@dataclass
+class Stage2Config:
+    """What stage 2 diffuses and what it adds back (DESIGN.md, "Why stage 2 looks like this")."""
+
+    response: str = "hrf"  # "hrf": diffuse clip - task response (models/response.py); "none": whole clips
+    response_rank: int = 4  # principal components of subjects' response maps
+    codec_noise: bool = True  # add back a noise model of what the VQ-GAN drops (generate/codec.py)
+    noise_clips: int = 32  # training clips whose reconstructions fit that noise model
 
 
 @dataclass
@@ -153,6 +168,7 @@ class Config:
     )
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    stage2: Stage2Config = field(default_factory=Stage2Config)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -319,6 +335,11 @@ def validate(cfg: Config) -> Config:
     _require(0 < f.beta_start <= f.beta_end < 1, "diffusion.beta_start/beta_end", "0 < start <= end < 1",
              (f.beta_start, f.beta_end))  # fmt: skip
     _require(0 <= f.cond_drop <= 1, "diffusion.cond_drop", "in [0, 1]", f.cond_drop)
+    _require(f.prediction in ("v", "eps"), "diffusion.prediction", "v or eps", f.prediction)
+    _require(f.weighting in ("plain", "min-snr"), "diffusion.weighting", "plain or min-snr", f.weighting)
+    _require(cfg.stage2.response in ("hrf", "none"), "stage2.response", "hrf or none", cfg.stage2.response)
+    _require(cfg.stage2.response_rank >= 0, "stage2.response_rank", ">= 0", cfg.stage2.response_rank)
+    _require(cfg.stage2.noise_clips >= 1, "stage2.noise_clips", ">= 1", cfg.stage2.noise_clips)
     _validate_train(cfg.vae_train, "vae_train")
     _validate_train(cfg.train, "train")
     return cfg

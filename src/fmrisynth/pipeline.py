@@ -61,7 +61,7 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
     def vae_into(d: Path) -> None:
         ckpt = train_vae(cfg, out / "store", d, resume=True)
         shutil.rmtree(d / "latents", ignore_errors=True)
-        encode_store(ckpt, out / "store", d / "latents", splits=("train",))  # all stage 2 reads
+        encode_store(ckpt, out / "store", d / "latents", splits=("train",), stage2=cfg.stage2, seed=cfg.seed)
 
     _stage("simulate", out / "sim", fresh, simulate_into, log)
     _stage("prepare", out / "store", fresh, prepare_into, log)

@@ -156,6 +156,36 @@ def paradigm_of(condition: str) -> Paradigm:
     return PARADIGMS[name]
 
 
+HRF_BASIS = "glover + derivative + dispersion"  # canonical HRF, temporal and dispersion derivatives
+
+
+def design_regressors(
+    onsets_s: np.ndarray | list[float],
+    durations_s: np.ndarray | list[float],
+    n_frames: int,
+    tr: float,
+    hrf: str = "glover",
+    amplitudes: np.ndarray | list[float] | None = None,
+) -> np.ndarray:
+    """HRF-convolved events sampled at the frame times ``tr * arange(n_frames)``: (n_frames, k).
+
+    nilearn's ``compute_regressor`` (oversampling 16) so that every part of fmrisynth and a user's
+    own nilearn GLM agree exactly. ``hrf`` is any nilearn HRF model: ``"glover"`` or ``"spm"`` give
+    k = 1, ``HRF_BASIS`` gives k = 3 (canonical, temporal derivative, dispersion derivative).
+    ``amplitudes`` (default 1) scale each event, as a ``modulation`` column of events.tsv does.
+    """
+    from nilearn.glm.first_level import compute_regressor
+
+    onsets = np.atleast_1d(np.asarray(onsets_s, dtype=float))
+    durations = np.atleast_1d(np.asarray(durations_s, dtype=float))
+    amps = np.ones_like(onsets) if amplitudes is None else np.atleast_1d(np.asarray(amplitudes, dtype=float))
+    k = 3 if "dispersion" in hrf else 2 if "derivative" in hrf else 1
+    if onsets.size == 0:
+        return np.zeros((n_frames, k))
+    reg, _ = compute_regressor(np.vstack([onsets, durations, amps]), hrf, np.arange(n_frames) * tr, oversampling=16)
+    return reg  # (n_frames, k)
+
+
 def block_regressor(
     onsets_s: np.ndarray | list[float],
     durations_s: np.ndarray | list[float],
@@ -163,20 +193,5 @@ def block_regressor(
     tr: float,
     hrf: str = "glover",
 ) -> np.ndarray:
-    """HRF-convolved boxcar of blocks, sampled at the frame times ``tr * arange(n_frames)``.
-
-    This is the regressor of DESIGN.md's evaluation protocol and of the simulator, computed with
-    nilearn's canonical HRF (``"glover"`` or ``"spm"``) so that every part of fmrisynth and a user's
-    own nilearn GLM agree exactly. Returns shape (n_frames,).
-    """
-    from nilearn.glm.first_level import compute_regressor
-
-    onsets = np.atleast_1d(np.asarray(onsets_s, dtype=float))
-    durations = np.atleast_1d(np.asarray(durations_s, dtype=float))
-    frame_times = np.arange(n_frames) * tr
-    if onsets.size == 0:
-        return np.zeros(n_frames)
-    reg, _ = compute_regressor(
-        np.vstack([onsets, durations, np.ones_like(onsets)]), hrf, frame_times, oversampling=16
-    )
-    return reg[:, 0]
+    """The canonical-HRF block regressor (n_frames,) of DESIGN.md's evaluation protocol and the simulator."""
+    return design_regressors(onsets_s, durations_s, n_frames, tr, hrf)[:, 0]

@@ -4,9 +4,11 @@ The reference compares its hybrid CNN-Transformer against ``monai.networks.nets.
 (~237M parameters). To make that comparison fair, the U-Net here takes exactly what our backbone
 takes and returns what it returns::
 
-    forward(x: (B, T*c, d, h, w), t: (B,), label: (B,) long, design: (B, T) float) -> (B, T*c, d, h, w)
+    forward(x: (B, T, c, d, h, w), t: (B,), label: (B,) long, design: (B, T) float) -> (B, T, c, d, h, w)
 
-* The latent clip's frames are stacked on channels (T*c in, T*c out), as the reference did.
+* The latent clip's frames are stacked on channels (T*c in, T*c out), as the reference did; the
+  first level is at least T*c wide so that the stem is no bottleneck (a stem narrower than its
+  input loses the clip: DESIGN.md), which makes the comparison with ours fair.
 * The condition label goes through MONAI's class embedding (``num_class_embeds = n_classes + 1``);
   the last row, ``label == n_classes``, is the null class of classifier-free guidance.
 * The block design (the condition's boxcar per frame) becomes one cross-attention token per frame:
@@ -90,18 +92,20 @@ class MonaiUNetDenoiser(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, label: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
         """Predict the diffusion target (eps or v) for noisy latent clips; see the module docstring."""
-        if x.ndim != 5 or design.shape != (x.shape[0], self.frames):
+        if x.ndim != 6 or x.shape[1] != self.frames or design.shape != (x.shape[0], self.frames):
             raise ValueError(
-                f"expected x (B, T*c, d, h, w) and design (B, {self.frames}), got {tuple(x.shape)} and "
+                f"expected x (B, {self.frames}, c, d, h, w) and design (B, {self.frames}), got {tuple(x.shape)} and "
                 f"{tuple(design.shape)}"
             )
+        shape = x.shape
+        x = x.flatten(1, 2)  # (B, T*c, d, h, w)
         d, h, w = x.shape[-3:]
         pad = [(-n) % self.multiple for n in (d, h, w)]
         # F.pad lists the last axis first: (w_lo, w_hi, h_lo, h_hi, d_lo, d_hi).
         x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))  # (B, T*c, d+pd, h+ph, w+pw)
         context = self.design_embed(design.to(x.dtype).unsqueeze(-1)) + self.design_pos  # (B, T, D)
         out = self.unet(x, timesteps=t, context=context, class_labels=label)  # (B, T*c, d+pd, h+ph, w+pw)
-        return out[..., :d, :h, :w]  # (B, T*c, d, h, w)
+        return out[..., :d, :h, :w].reshape(shape)  # (B, T*c, d, h, w) -> (B, T, c, d, h, w)
 
 
 def build_baseline(preset: str, latent_shape: tuple[int, ...], n_classes: int) -> MonaiUNetDenoiser:

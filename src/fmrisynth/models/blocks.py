@@ -1,11 +1,15 @@
 """Building blocks of the stage-2 denoiser: conditioning embedders, a FiLM conv block, a transformer block.
 
-Conditioning follows DiT (Peebles & Xie, 2023): the timestep, the condition label and the block
-design are summed into one embedding ``c`` (B, cond_dim) that modulates every block — by FiLM
-(``x * (scale + 1) + shift``) in convolutional stages and by AdaLN-Zero in transformer stages. The
-same three are also given as a short token sequence ``ctx`` (B, 2 + T, cond_dim) that transformer
-blocks cross-attend to, so that *when* the block happens (one token per frame) stays visible to
-every voxel token instead of being averaged into ``c``.
+Conditioning follows DiT (Peebles & Xie, 2023), per frame: the timestep, the condition label and
+the frame's design token are summed into one embedding ``c`` per frame (B*T, cond_dim) that
+modulates every block — by FiLM (``x * (scale + 1) + shift``) in convolutional stages and by
+AdaLN-Zero in transformer stages. The same are also given as a token sequence ``ctx``
+(B, 2 + T, cond_dim) that transformer blocks cross-attend to, so the whole design stays visible to
+every voxel token.
+
+Space and time are factorised as in video diffusion (VDM, Ho et al. 2022; Latte, 2024): spatial
+layers run on each frame (frames folded into the batch, (B*T, C, d, h, w)), temporal layers run
+across frames at each location. Nothing depends on the clip length.
 
 Every block is zero-initialised so that it starts as the identity: a deep stack then begins as a
 shallow network and trains stably without warm-up tricks.
@@ -61,22 +65,29 @@ class LabelEmbedder(nn.Module):
 
 
 class DesignEmbedder(nn.Module):
-    """The block's boxcar over the clip's frames (B, T) -> per-frame tokens (B, T, dim) and a pooled (B, dim).
+    """The block design per frame (B, T) -> one token per frame (B, T, dim).
 
-    A token is "frame k" plus "this much of frame k lies inside the block", so cross-attention can
-    read the timing directly; the pooled vector (an MLP over the whole boxcar) feeds AdaLN/FiLM. The
-    null design is all zeros, which these maps send to fixed, learned vectors.
+    The design is the fraction of each frame inside a task block (a boxcar). A stack of dilated
+    temporal convolutions (receptive field 57 frames, longer than the HRF at any TR) turns it into
+    "where is this frame relative to the blocks around it", the information the HRF needs. The
+    design is zero-padded once (outside the clip there is no block) and the convolutions are
+    'valid', so the tokens are exactly shift-equivariant and any number of frames works; the null
+    design (all zeros) maps to one constant token.
     """
 
-    def __init__(self, frames: int, dim: int):
+    def __init__(self, dim: int, hidden: int = 32, kernel: int = 9, dilations: tuple[int, ...] = (1, 2, 4)):
         super().__init__()
-        self.frame = nn.Parameter(torch.randn(frames, dim) * 0.02)
-        self.inside = nn.Linear(1, dim)
-        self.pool = nn.Sequential(nn.Linear(frames, dim), nn.SiLU(), nn.Linear(dim, dim))
+        layers, width = [], 1
+        for d in dilations:
+            layers += [nn.Conv1d(width, hidden, kernel, dilation=d), nn.SiLU()]
+            width = hidden
+        self.reach = sum(d * (kernel - 1) for d in dilations) // 2  # frames seen on each side
+        self.convs = nn.Sequential(*layers)
+        self.out = nn.Linear(hidden, dim)
 
-    def forward(self, design: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.frame + self.inside(design[..., None])  # (B, T, 1) -> (B, T, dim)
-        return self.pool(design), tokens  # (B, dim), (B, T, dim)
+    def forward(self, design: torch.Tensor) -> torch.Tensor:
+        h = self.convs(F.pad(design[:, None], (self.reach, self.reach)))  # (B, 1, T + 2 reach) -> (B, hidden, T)
+        return self.out(h.transpose(1, 2))  # (B, T, hidden) -> (B, T, dim)
 
 
 class ResBlock(nn.Module):
@@ -103,14 +114,29 @@ class ResBlock(nn.Module):
         return x + h
 
 
-class Attention(nn.Module):
-    """Multi-head attention: self-attention, or cross-attention to ``context`` tokens of ``context_dim``."""
+def rope(x: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding along the sequence axis of x (..., N, e), e even (Su et al., 2021).
 
-    def __init__(self, dim: int, heads: int, context_dim: int | None = None):
+    Attention scores then depend on relative positions only, so temporal attention trained on
+    20-frame clips runs on a 512-frame run without positions it has never seen.
+    """
+    n, e = x.shape[-2], x.shape[-1]
+    freqs = 1.0 / 10000 ** (torch.arange(0, e, 2, device=x.device, dtype=torch.float32) / e)  # (e/2,)
+    angles = torch.arange(n, device=x.device, dtype=torch.float32)[:, None] * freqs  # (N, e/2)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]  # (..., N, e/2) each
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)  # (..., N, e)
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention (``rotary``: with relative positions), or cross-attention
+    to ``context`` tokens of ``context_dim``."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, rotary: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"width {dim} is not divisible by {heads} heads")
-        self.heads = heads
+        self.heads, self.rotary = heads, rotary
         self.q = nn.Linear(dim, dim)
         self.kv = nn.Linear(context_dim or dim, 2 * dim)
         self.proj = nn.Linear(dim, dim)
@@ -119,44 +145,80 @@ class Attention(nn.Module):
         source = x if context is None else context  # (B, M, dim or context_dim)
         q = rearrange(self.q(x), "b n (h e) -> b h n e", h=self.heads)  # (B, heads, N, e)
         k, v = rearrange(self.kv(source), "b m (two h e) -> two b h m e", two=2, h=self.heads)  # (B, heads, M, e)
+        if self.rotary:
+            q, k = rope(q), rope(k)
         out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, e)
         return self.proj(rearrange(out, "b h n e -> b n (h e)"))  # (B, N, dim)
 
 
-class TransformerBlock(nn.Module):
-    """DiT block with AdaLN-Zero, plus cross-attention to the condition tokens (as in PixArt-alpha).
+class TemporalConv(nn.Module):
+    """Temporal mixing at every voxel of a conv level: norm -> SiLU -> dilated Conv1d over frames.
 
-    ``adaln=False`` drops the modulation (LayerNorms get their own affine parameters, the timestep
-    then reaches the block only through the context); ``xattn=False`` drops the cross-attention.
-    Either way the block starts as the identity: the AdaLN gates are zero-initialised or, without
-    AdaLN, the output projections are; the cross-attention output projection always is.
+    Zero-initialised (starts as the identity). Frames arrive folded into the batch, (B*T, C, d, h,
+    w); the convolution is translation-invariant in time, so any clip length works.
+    """
+
+    def __init__(self, width: int, cond_dim: int, kernel: int = 3, dilation: int = 1):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups(width), width)
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
+        self.conv = nn.Conv1d(width, width, kernel, padding=dilation * (kernel // 2), dilation=dilation)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int) -> torch.Tensor:
+        scale, shift = self.film(c)[:, :, None, None, None].chunk(2, dim=1)  # (B*T, cond) -> 2 x (B*T, C, 1, 1, 1)
+        h = F.silu(modulate(self.norm(x), shift, scale))  # (B*T, C, d, h, w)
+        size = h.shape[2:]
+        h = rearrange(h, "(b t) c d h w -> (b d h w) c t", t=frames)  # (B*d*h*w, C, T)
+        h = rearrange(self.conv(h), "(b d h w) c t -> (b t) c d h w", d=size[0], h=size[1], w=size[2])
+        return x + h  # (B*T, C, d, h, w)
+
+
+class TransformerBlock(nn.Module):
+    """A space-time DiT block: spatial self-attention within each frame, temporal self-attention
+    across frames at each token (Latte / VDM's factorisation), cross-attention to the condition
+    tokens (as PixArt-alpha), MLP; AdaLN-Zero from the per-frame embedding.
+
+    ``adaln=False`` drops the modulation (LayerNorms get their own affine parameters, the
+    embedding then reaches the block only through the context); ``xattn=False`` drops the
+    cross-attention. Either way the block starts as the identity: the AdaLN gates are
+    zero-initialised or, without AdaLN, the output projections are; the cross-attention output
+    projection always is.
     """
 
     def __init__(self, dim: int, heads: int, cond_dim: int, mlp_ratio: float = 4.0, adaln: bool = True, xattn: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
         self.attn = Attention(dim, heads)
+        self.norm_t = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
+        self.tattn = Attention(dim, heads, rotary=True)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6) if xattn else None
         self.xattn = Attention(dim, heads, context_dim=cond_dim) if xattn else None
         self.norm3 = nn.LayerNorm(dim, elementwise_affine=not adaln, eps=1e-6)
         hidden = int(dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, dim))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim)) if adaln else None
-        zero = [self.adaLN_modulation[-1]] if adaln else [self.attn.proj, self.mlp[-1]]
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 9 * dim)) if adaln else None
+        zero = [self.adaLN_modulation[-1]] if adaln else [self.attn.proj, self.tattn.proj, self.mlp[-1]]
         for layer in zero + ([self.xattn.proj] if xattn else []):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, ctx: torch.Tensor, frames: int) -> torch.Tensor:
+        """x (B*T, N, dim) tokens of each frame, c (B*T, cond), ctx (B, M, cond) -> (B*T, N, dim)."""
         if self.adaLN_modulation is not None:
-            mods = self.adaLN_modulation(c)[:, None].chunk(6, dim=-1)  # (B, cond) -> 6 x (B, 1, dim)
+            mods = self.adaLN_modulation(c)[:, None].chunk(9, dim=-1)  # (B*T, cond) -> 9 x (B*T, 1, dim)
         else:
-            mods = (0.0, 0.0, 1.0, 0.0, 0.0, 1.0)  # no modulation: shift 0, scale 0, gate 1
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
-        x = x + gate_msa * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, dim)
+            mods = (0.0, 0.0, 1.0) * 3  # no modulation: shift 0, scale 0, gate 1
+        (shift_s, scale_s, gate_s), (shift_t, scale_t, gate_t), (shift_m, scale_m, gate_m) = mods[:3], mods[3:6], mods[6:]
+        n = x.shape[1]
+        x = x + gate_s * self.attn(modulate(self.norm1(x), shift_s, scale_s))  # (B*T, N, dim)
+        h = rearrange(modulate(self.norm_t(x), shift_t, scale_t), "(b t) n e -> (b n) t e", t=frames)  # (B*N, T, dim)
+        x = x + gate_t * rearrange(self.tattn(h), "(b n) t e -> (b t) n e", n=n)  # (B*T, N, dim)
         if self.xattn is not None:
-            x = x + self.xattn(self.norm2(x), ctx)  # (B, N, dim), attending to (B, M, cond_dim)
-        return x + gate_mlp * self.mlp(modulate(self.norm3(x), shift_mlp, scale_mlp))  # (B, N, dim)
+            q = rearrange(self.norm2(x), "(b t) n e -> b (t n) e", t=frames)  # (B, T*N, dim)
+            x = x + rearrange(self.xattn(q, ctx), "b (t n) e -> (b t) n e", t=frames)  # attends to (B, M, cond)
+        return x + gate_m * self.mlp(modulate(self.norm3(x), shift_m, scale_m))  # (B*T, N, dim)
 
 
 def sincos_3d(dim: int, size: tuple[int, int, int], device: torch.device) -> torch.Tensor:

@@ -11,6 +11,21 @@ against step by step:
 * sampling timesteps are ``linspace(num_steps - 1, 0, steps)`` rounded, as MONAI's DDIM;
 * nothing is clipped: latents are normalised to unit variance, not to [-1, 1].
 
+The direct path. With v-prediction (Salimans & Ho, 2022) the denoised estimate is
+``x0 = sqrt(a) x_t - sqrt(1 - a) v``; for unit-variance latents this is exactly EDM's
+preconditioning (Karras et al., 2022) with sigma_data = 1: c_skip = a, c_out = sqrt(1 - a), and
+x_t already has unit variance (c_in = 1). The backbone's output layer starts at zero, so the
+untrained model returns ``sqrt(a) x_t``, the best linear denoiser of unit-variance white data, and
+learning only has to add what is not white. We keep the DDPM schedule (verified against MONAI)
+rather than EDM's continuous sigmas, so both samplers stay as they are; ``eps`` remains available
+as the reference's choice.
+
+Every training run logs two reference losses, computed in closed form from the training latents
+under the same schedule, weighting and target (``reference_losses``): ``ref_loss_gaussian``, the
+best a denoiser can do that knows each latent element's mean and variance but no correlation at
+all, and ``ref_loss_white``, the same for unit white noise (what the untrained model scores). A
+run whose loss is not below the first has learned nothing about the clips' structure.
+
 Classifier-free guidance (Ho & Salimans, 2022): training replaces the condition by the null one
 (label ``null_label``, an all-zero design) with probability ``cond_drop``; sampling mixes the two
 predictions, ``uncond + guidance * (cond - uncond)`` (guidance 1 = the conditional model alone).
@@ -54,6 +69,8 @@ class Diffusion:
     def __init__(self, cfg: DiffusionConfig, null_label: int):
         if cfg.prediction not in ("eps", "v"):
             raise FmrisynthError(f"unknown prediction target {cfg.prediction!r}; choose eps or v")
+        if cfg.weighting not in ("plain", "min-snr"):
+            raise FmrisynthError(f"unknown loss weighting {cfg.weighting!r}; choose plain or min-snr")
         self.cfg, self.null_label = cfg, null_label
         self.num_steps = cfg.num_steps
         self.alpha_bar = torch.cumprod(1 - make_betas(cfg), dim=0)  # (num_steps,) float64
@@ -72,32 +89,71 @@ class Diffusion:
         """Replace the condition of the samples where ``drop`` (B,) is true by the null condition."""
         return torch.where(drop, torch.full_like(label, self.null_label), label), design * ~drop[:, None]
 
-    def loss(self, model, x0: torch.Tensor, label: torch.Tensor, design: torch.Tensor) -> torch.Tensor:
-        """Mean squared error of the eps/v prediction at uniformly drawn timesteps.
+    def weights(self, t: torch.Tensor) -> torch.Tensor:
+        """Loss weight per timestep (B,): 1, or min-SNR-5 expressed for the eps or v target."""
+        if self.cfg.weighting == "plain":
+            return torch.ones(t.shape, dtype=torch.float64, device=t.device)
+        a = self.alpha_bar.to(t.device)[t]
+        snr = a / (1 - a)
+        return snr.clamp(max=5.0) / (snr + 1 if self.cfg.prediction == "v" else snr)
 
-        x0 (B, T*c, d, h, w) normalised latents, label (B,), design (B, T).
+    def loss(self, model, x0: torch.Tensor, label: torch.Tensor, design: torch.Tensor,
+             draws: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:  # fmt: skip
+        """Weighted mean squared error of the eps/v prediction at uniformly drawn timesteps.
+
+        x0 (B, T, c, d, h, w) normalised latents, label (B,), design (B, T). ``draws`` = (t (B,)
+        long, noise like x0, drop (B,) bool) lets the caller own the randomness (exact resume,
+        one noise stream over ranks); by default they come from torch's global generator.
         """
         b = x0.shape[0]
-        t = torch.randint(0, self.num_steps, (b,), device=x0.device)  # (B,)
-        noise = torch.randn_like(x0)  # (B, T*c, d, h, w)
-        label, design = self.drop_condition(label, design, torch.rand(b, device=x0.device) < self.cfg.cond_drop)
-        out = model(self.q_sample(x0, t, noise), t, label, design)  # (B, T*c, d, h, w)
+        if draws is None:
+            draws = (torch.randint(0, self.num_steps, (b,), device=x0.device), torch.randn_like(x0),
+                     torch.rand(b, device=x0.device) < self.cfg.cond_drop)  # fmt: skip
+        t, noise, drop = draws
+        label, design = self.drop_condition(label, design, drop)
+        out = model(self.q_sample(x0, t, noise), t, label, design)  # (B, T, c, d, h, w)
         if self.cfg.prediction == "eps":
             target = noise
         else:
             a, s = self._coefs(t, x0)
             target = a * noise - s * x0  # v = sqrt(a) eps - sqrt(1 - a) x0
-        return F.mse_loss(out.float(), target.float())
+        per_sample = (out.float() - target.float()).pow(2).flatten(1).mean(1)  # (B,)
+        return (per_sample * self.weights(t).to(per_sample)).mean()
+
+    def reference_losses(self, variance: torch.Tensor) -> dict[str, float]:
+        """Expected loss of the best denoiser of independent Gaussian elements, in closed form.
+
+        ``variance`` holds each element's variance in the normalised units the model sees (any
+        shape). For x0 ~ N(mu, s2), x_t = a x0 + b eps, the best predictor of the target y is
+        affine in x_t and leaves Var(y) - Cov(y, x_t)^2 / Var(x_t): for eps 1 - b^2 / (a^2 s2 + b^2),
+        for v (a^2 + b^2 s2) - a^2 b^2 (1 - s2)^2 / (a^2 s2 + b^2). Averaged over the timesteps
+        (uniform, as in training) with the loss weights. Returns ``ref_loss_gaussian`` for the given
+        variances and ``ref_loss_white`` for unit white noise.
+        """
+        a2 = self.alpha_bar.to(torch.float64)[:, None]  # (S, 1)
+        b2 = 1 - a2
+        w = self.weights(torch.arange(self.num_steps))[:, None]  # (S, 1)
+
+        def expected(s2: torch.Tensor) -> float:
+            s2 = s2.to(torch.float64).flatten()[None]  # (1, E)
+            vx = a2 * s2 + b2  # (S, E)
+            if self.cfg.prediction == "eps":
+                mse = 1 - b2 / vx
+            else:
+                mse = (a2 + b2 * s2) - a2 * b2 * (1 - s2) ** 2 / vx
+            return float((w * mse).mean())
+
+        return {"ref_loss_gaussian": expected(variance), "ref_loss_white": expected(torch.ones(1))}
 
     def predict(self, model, x: torch.Tensor, t: int, label: torch.Tensor, design: torch.Tensor, guidance: float):
         """The model's output at timestep ``t``, mixed with the unconditional one by ``guidance``."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
         if guidance == 1.0:
-            return model(x, tt, label, design)  # (B, T*c, d, h, w)
+            return model(x, tt, label, design)  # (B, T, c, d, h, w)
         null_label, null_design = self.drop_condition(label, design, torch.ones_like(label, dtype=torch.bool))
         out = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([label, null_label]),
                     torch.cat([design, null_design]))  # fmt: skip  # (2B, T*c, d, h, w)
-        cond, uncond = out.chunk(2)  # 2 x (B, T*c, d, h, w)
+        cond, uncond = out.chunk(2)  # 2 x (B, T, c, d, h, w)
         return uncond + guidance * (cond - uncond)
 
     def step(self, out: torch.Tensor, t: int, t_prev: int, x: torch.Tensor, eta: float,
@@ -140,11 +196,11 @@ class Diffusion:
         eta, device = SAMPLERS[sampler], label.device
 
         def randn() -> torch.Tensor:
-            return torch.randn(label.shape[0], *shape, generator=generator).to(device)  # (B, T*c, d, h, w)
+            return torch.randn(label.shape[0], *shape, generator=generator).to(device)  # (B, T, c, d, h, w)
 
         x = randn()
         ts = self.timesteps(steps)
         for t, t_prev in zip(ts, ts[1:] + [-1]):
-            out = self.predict(model, x, t, label, design, guidance).float()  # (B, T*c, d, h, w)
+            out = self.predict(model, x, t, label, design, guidance).float()  # (B, T, c, d, h, w)
             x, _ = self.step(out, t, t_prev, x, eta, randn() if eta > 0 and t_prev >= 0 else None)
         return x

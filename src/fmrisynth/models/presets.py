@@ -1,18 +1,21 @@
 """Named model sizes, one builder for either backbone, and the numbers that compare them.
 
 Every size of ours is one family, scaled by width alone so that a scaling study varies one thing:
-a U-Net with FiLM conv blocks at the latent's full resolution and AdaLN-Zero + cross-attention
-transformer stages at 1/2 and 1/4 of it, widths (m, 2m, 2m), depths (2, 4, 6). ``m = 64 k`` for
-k = 2..7 gives the reference scaling grid at the 2 mm latent (T=20, c=4, 24x28x24): 38.1, 85.4,
-151.5, 236.5, 340.3 and 462.9 M parameters, each within 1%. The ``s0.3m`` .. ``s20m`` sizes are the
-same family at CPU scale, listed at the demo latent (T=20, c=4, 8x10x8).
+a space-time U-Net with FiLM conv blocks (+ temporal convolutions) at the latent's full resolution
+and AdaLN-Zero + cross-attention transformer stages (spatial + temporal attention) at 1/2 and 1/4
+of it, widths (m, 2m, 2m), depths (2, 4, 6). At the 2 mm latent (T=20, c=4, 24x28x24),
+m = 114, 170, 228, 288, 340, 402 gives the reference scaling grid: 37.7, 83.7, 150.4, 239.7,
+333.9 and 466.7 M parameters against 38.1, 85.4, 151.5, 236.5, 340.3 and 462.9 M (each within
+2 %). The ``s0.3m`` .. ``s20m`` sizes are the same family at CPU scale, listed at the demo latent
+(T=20, c=4, 8x10x8).
 
-Parameter counts depend on T, c and the number of conditions (a few thousand parameters), never on
-the spatial size: positions are a fixed sine-cosine embedding. An ablation is a ``variant``; to
-compare variants at equal size, use the param-matched entries ``s237m-<variant>`` (their widths are
-re-chosen so that each stays within 5% of 236.5M), or add an entry the same way::
+Parameter counts depend on c and the number of conditions (a few thousand parameters), never on T
+or on the spatial size: positions are a fixed sine-cosine embedding in space and rotary (relative)
+in time. GFLOPs per forward pass grow linearly with T. An ablation is a ``variant``; to compare
+variants at equal size, use the param-matched entries ``s237m-<variant>`` (their widths are
+re-chosen so that each stays within 5 % of 236.5M), or add an entry the same way::
 
-    PRESETS["s85m-all-cnn"] = Preset("2mm", family(m=92, variant="all-cnn"))  # check: fmrisynth presets
+    PRESETS["s85m-all-cnn"] = Preset("2mm", family(m=80, variant="all-cnn"))  # check: fmrisynth presets
 """
 
 from __future__ import annotations
@@ -42,16 +45,18 @@ def family(m: int, head_dim: int = 64, **overrides) -> dict:
 
 
 PRESETS: dict[str, Preset] = {
-    # trains on 2 CPU cores in minutes at the demo latent: one block per level, two heads
+    # trains on 2 CPU cores in minutes at the demo latent: one block per level, small heads
     "tiny": Preset("6mm", family(16, head_dim=16, depths=(1, 1, 2))),
     **{f"s{name}m": Preset("6mm", family(m, head_dim=hd))
-       for name, m, hd in [("0.3", 10, 10), ("1", 20, 20), ("3", 36, 36), ("10", 64, 32), ("20", 92, 46)]},
-    **{f"s{name}m": Preset("2mm", family(64 * k)) for k, name in enumerate(["38", "85", "152", "237", "340", "463"], 2)},
+       for name, m, hd in [("0.3", 10, 10), ("1", 18, 18), ("3", 32, 32), ("10", 58, 58), ("20", 82, 41)]},
+    **{f"s{name}m": Preset("2mm", family(m, head_dim=hd))
+       for name, m, hd in [("38", 114, 64), ("85", 170, 64), ("152", 228, 56), ("237", 288, 64), ("340", 340, 64),
+                           ("463", 402, 64)]},
     # the ablations at the size of the reference's baseline, each re-widened to ~236.5M parameters
-    "s237m-all-cnn": Preset("2mm", family(248, variant="all-cnn")),
-    "s237m-all-transformer": Preset("2mm", family(320, variant="all-transformer", patch=(2, 1, 1))),
-    "s237m-adaln-only": Preset("2mm", family(352, variant="adaln-only")),
-    "s237m-xattn-only": Preset("2mm", family(384, variant="xattn-only")),
+    "s237m-all-cnn": Preset("2mm", family(234, head_dim=72, variant="all-cnn")),
+    "s237m-all-transformer": Preset("2mm", family(288, variant="all-transformer", patch=(2, 1, 1))),
+    "s237m-adaln-only": Preset("2mm", family(304, head_dim=72, variant="adaln-only")),
+    "s237m-xattn-only": Preset("2mm", family(350, variant="xattn-only")),
 }  # fmt: skip
 
 
@@ -64,8 +69,9 @@ def _baseline_presets() -> dict:
 def build_denoiser(model_cfg: ModelConfig, latent_shape: tuple[int, ...], n_classes: int):
     """The denoiser named by ``model_cfg`` for latent clips of ``latent_shape`` = (T, c, d, h, w).
 
-    Either backbone answers ``forward(x (B, T*c, d, h, w), t (B,), label (B,), design (B, T))``
-    with a prediction of the shape of ``x``.
+    Either backbone answers ``forward(x (B, T, c, d, h, w), t (B,), label (B,), design (B, T))``
+    with a prediction of the shape of ``x``; ours runs on any T, the MONAI U-Net only on the T it
+    was built for (it stacks frames on channels).
     """
     frames, channels = int(latent_shape[0]), int(latent_shape[1])
     if model_cfg.backbone == "monai-unet":
@@ -87,7 +93,7 @@ def build_denoiser(model_cfg: ModelConfig, latent_shape: tuple[int, ...], n_clas
         if model_cfg.variant not in VARIANTS:
             raise FmrisynthError(f"unknown variant {model_cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
         arch["variant"] = model_cfg.variant
-    return Backbone(frames, channels, n_classes, **arch)
+    return Backbone(channels, n_classes, **arch)
 
 
 def count_params(model) -> int:
@@ -107,7 +113,7 @@ def gflops(model, latent_shape: tuple[int, ...], batch: int = 1) -> float:
     frames, channels, *spatial = latent_shape
     meta = {k: torch.empty_like(v, device="meta") for k, v in [*model.named_parameters(), *model.named_buffers()]}
     inputs = (
-        torch.zeros(batch, frames * channels, *spatial, device="meta"),  # x (B, T*c, d, h, w)
+        torch.zeros(batch, frames, channels, *spatial, device="meta"),  # x (B, T, c, d, h, w)
         torch.zeros(batch, device="meta"),  # t (B,)
         torch.zeros(batch, dtype=torch.long, device="meta"),  # label (B,)
         torch.zeros(batch, frames, device="meta"),  # design (B, T)

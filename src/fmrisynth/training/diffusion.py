@@ -2,8 +2,11 @@
 
 ``train_diffusion`` wraps denoiser + diffusion in an ``Objective`` for the project's one training
 loop and writes, next to the checkpoints, ``stage2.json``: what sampling needs besides weights (the
-latent shape, conditions, latent statistics, the VQ-GAN and clip store to decode with, and the
-training blocks of each condition to draw default timings from).
+latent shape, conditions, latent statistics, the VQ-GAN and clip store to decode with, the response
+and codec noise models, and the training blocks of each condition to draw default timings from).
+
+Every logged row carries the data's reference losses (``Diffusion.reference_losses``), computed
+once from the training latents, so a run that is not learning shows at step 0.
 """
 
 from __future__ import annotations
@@ -12,12 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from einops import rearrange
 
 from fmrisynth.config import Config
 from fmrisynth.data.store import ClipStore
-from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.training.loop import Objective, fit
 
@@ -35,17 +37,17 @@ def design_boxcar(onset_s: torch.Tensor, duration_s: torch.Tensor, tr: torch.Ten
 class DiffusionObjective(Objective):
     """Denoising loss on per-channel normalised latent clips, conditioned on label and block design."""
 
-    def __init__(self, model: torch.nn.Module, diffusion: Diffusion, mean: list, std: list, designs: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, diffusion: Diffusion, mean: list, std: list, designs: torch.Tensor,
+                 references: dict[str, float]):  # fmt: skip
         super().__init__()
-        self.model, self.diffusion = model, diffusion
+        self.model, self.diffusion, self.references = model, diffusion, references
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("designs", designs, persistent=False)  # (n items in the store, T)
 
     def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
         z = (batch["x"] - self.mean[:, None, None, None]) / self.std[:, None, None, None]  # (B, T, c, d, h, w)
-        x = rearrange(z, "b t c d h w -> b (t c) d h w")  # (B, T*c, d, h, w)
-        return self.diffusion.loss(self.model, x, batch["label"], self.designs[batch["index"]]), {}
+        return self.diffusion.loss(self.model, z, batch["label"], self.designs[batch["index"]]), self.references
 
 
 def _latent_store(path: Path) -> ClipStore:
@@ -54,6 +56,21 @@ def _latent_store(path: Path) -> ClipStore:
     if store.kind != "latents" or missing:
         raise FmrisynthError("not a latent store (write one with `fmrisynth train-vae`)", path)
     return store
+
+
+def element_variance(store: ClipStore, rows) -> torch.Tensor:
+    """Variance of each latent element (T, c, d, h, w) over the clips ``rows``, in normalised units."""
+    c = store.item_shape[1]
+    total = torch.zeros(store.item_shape, dtype=torch.float64)
+    squares = torch.zeros(store.item_shape, dtype=torch.float64)
+    for i in rows:
+        z = torch.from_numpy(store.item(int(i))).double()  # (T, c, d, h, w)
+        total += z
+        squares += z * z
+    n = max(len(rows), 1)
+    var = (squares / n - (total / n) ** 2).clamp(min=0)
+    std = torch.tensor(store.header["latent_std"], dtype=torch.float64).reshape(1, c, 1, 1, 1)
+    return var / std**2
 
 
 def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False, progress: bool = True) -> Path:
@@ -69,15 +86,19 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
     dataset = ClipDataset(store, split="train")
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model, store.item_shape, len(store.conditions))
-    objective = DiffusionObjective(model, Diffusion(cfg.diffusion, len(store.conditions)),
-                                   store.header["latent_mean"], store.header["latent_std"], designs)  # fmt: skip
+    diffusion = Diffusion(cfg.diffusion, len(store.conditions))
+    references = diffusion.reference_losses(element_variance(store, dataset.rows))
+    objective = DiffusionObjective(model, diffusion, store.header["latent_mean"], store.header["latent_std"], designs,
+                                   references)  # fmt: skip
     train = m.iloc[dataset.rows]
     info = {
         "latents": str(store.path.resolve()),
         "latent_shape": list(store.item_shape),
         "conditions": store.conditions,
+        "response": store.header.get("response", "none"),
         **{k: store.header[k] for k in ("latent_mean", "latent_std", "vqgan_checkpoint", "clip_store")},
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
+        **references,
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{RUN_INFO}.tmp").write_text(json.dumps(info))
