@@ -273,3 +273,17 @@ def test_a_nan_clip_is_refused_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.count("\n") == 1 and "clip 5" in err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_non_finite_latent_is_refused_where_it_is_read(tmp_path):
+    from fmrisynth.data.dataset import ClipDataset
+
+    with StoreWriter(tmp_path / "lat", (2, 4, 1, 1, 1), np.eye(4), (4, 4, 4), ["a"], kind="latents") as w:
+        for i in range(3):
+            z = np.full((2, 4, 1, 1, 1), np.inf if i == 1 else 0.5, np.float32)  # (T, c, d, h, w)
+            w.add(z, subject="s", condition="a", label=0, onset_s=0.0, duration_s=1.0, tr=1.0, split="train")
+    data = ClipDataset(tmp_path / "lat", split="train")
+    assert torch.equal(data[0]["x"], torch.full((2, 4, 1, 1, 1), 0.5))
+    for read in (lambda: data[1], data.check_finite):
+        with pytest.raises(FmrisynthError, match=r"lat: clip 1 \(subject s, a\) has non-finite values"):
+            read()
