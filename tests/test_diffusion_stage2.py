@@ -16,6 +16,8 @@ from fmrisynth.cli import main
 from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate.sample import load_denoiser, sample
+from fmrisynth.models.response import K, ResponseModel
+from fmrisynth.tasks import HRF_BASIS, design_regressors
 from fmrisynth.training.diffusion import design_boxcar, train_diffusion
 
 CONDITIONS = ["MOTOR:rh", "WM:2bk_faces"]
@@ -32,13 +34,21 @@ def write_stores(root):
     with StoreWriter(root / "clips", (T, int(mask.sum())), AFFINE, GRID, CONDITIONS, mask=mask) as w:
         for row in rows:
             w.add(np.zeros((T, int(mask.sum()))), **row)
-    meta = {"vqgan_checkpoint": str(root / "vqgan"), "clip_store": str(root / "clips"),
+    meta = {"vqgan_checkpoint": str(root / "vqgan"), "clip_store": str(root / "clips"), "response": "hrf",
             "latent_mean": [0.5, -0.5], "latent_std": [2.0, 1.0]}  # fmt: skip
     rng = np.random.default_rng(0)
     with StoreWriter(root / "latents", (T, C, 2, 2, 2), AFFINE, GRID, CONDITIONS, kind="latents", meta=meta) as w:
         for row in rows:
             w.add(rng.normal(size=(T, C, 2, 2, 2)) + row["label"], **row)
+        n_vox = int(mask.sum())
+        RESPONSE_MAPS[:] = rng.normal(size=(2, K, n_vox)) * np.array([20.0, 0.0, 0.0])[:, None]  # canonical HRF only
+        ResponseModel(CONDITIONS, RESPONSE_MAPS.astype(np.float32), np.zeros((0, 2, K, n_vox), np.float32), {},
+                      np.ones(n_vox, np.float32)).save(w.tmp / "response.npz")  # fmt: skip
+        codec.CodecNoise(np.full(n_vox, 0.1, np.float32), 0.0).save(w.tmp / "codec_noise.npz")
     return mask
+
+
+RESPONSE_MAPS = np.zeros((2, K, 6 * 6 * 6))
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +104,18 @@ def test_sample_writes_nifti_sidecar_and_events_for_evaluation(run, capsys):
     assert sidecar["steps"] == 4 and sidecar["sampler"] == "ddim"
     events = (out / "WM-2bk_faces_seed4_000_events.tsv").read_text().splitlines()
     assert events == ["onset\tduration\ttrial_type", "0.500\t1.000\tWM:2bk_faces"]
+
+
+def test_generated_clips_carry_the_response_models_maps(run, tmp_path):
+    """Residual + codec noise + the task response of the design: a GLM of the clips finds the maps."""
+    paths = sample(run / "run", "WM:2bk_faces", 3, tmp_path / "s", onset_s=0.0, duration_s=2.0, steps=2)
+    mask = nib.load(paths[0]).get_fdata()[..., 0] != 0
+    x = design_regressors([0.0], [2.0], T, TR, HRF_BASIS)  # (T, K)
+    x = np.hstack([x, np.ones((T, 1))])
+    for p in paths:
+        y = nib.load(p).get_fdata()[mask].T  # (T, V)
+        beta = np.linalg.lstsq(x, y, rcond=None)[0]  # (K + 1, V)
+        assert np.corrcoef(beta[0], RESPONSE_MAPS[1, 0])[0, 1] > 0.9
 
 
 def test_samples_are_deterministic_by_seed_and_survive_the_checkpoint_round_trip(run, tmp_path):

@@ -61,7 +61,7 @@ def remove_stale_temps(parent: str | Path) -> list[Path]:
     parent = Path(parent)
     if not parent.is_dir():
         return removed
-    store_files = {"data.f16", "manifest.tsv", "mask.nii.gz", "store.json", "config.yaml"}
+    store_files = {"data.f16", "manifest.tsv", "mask.nii.gz", "store.json", "config.yaml", "response.npz", "codec_noise.npz"}
     for entry in parent.iterdir():
         m = TEMP.fullmatch(entry.name)
         if not m or m["host"] not in (None, HOST) or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):

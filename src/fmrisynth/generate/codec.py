@@ -107,9 +107,10 @@ class CodecNoise:
 
         white = rng.standard_normal((frames, *mask.shape)).astype(np.float32)  # (T, D, H, W)
         if self.sigma_vox > 0:
-            white = gaussian_filter(white, sigma=(0, *[self.sigma_vox] * 3), mode="constant")
-            impulse = np.zeros((9, 9, 9), np.float32)
-            impulse[4, 4, 4] = 1
+            white = gaussian_filter(white, sigma=(0, *[self.sigma_vox] * 3), mode="wrap")  # stationary: no edges
+            r = int(np.ceil(4 * self.sigma_vox))
+            impulse = np.zeros((2 * r + 1,) * 3, np.float32)
+            impulse[r, r, r] = 1
             white /= np.sqrt((gaussian_filter(impulse, self.sigma_vox, mode="constant") ** 2).sum())  # unit variance
         return white[:, mask] * self.sd  # (T, V)
 

@@ -45,8 +45,8 @@ def family(m: int, head_dim: int = 64, **overrides) -> dict:
 
 
 PRESETS: dict[str, Preset] = {
-    # trains on 2 CPU cores in minutes at the demo latent: one block per level, small heads
-    "tiny": Preset("6mm", family(16, head_dim=16, depths=(1, 1, 2))),
+    # trains on 2 CPU cores in minutes at the demo latent: 8 channels at full resolution, one block per level
+    "tiny": Preset("6mm", dict(widths=(8, 16, 16), depths=(1, 1, 1), kinds=("conv", "attn", "attn"), head_dim=8)),
     **{f"s{name}m": Preset("6mm", family(m, head_dim=hd))
        for name, m, hd in [("0.3", 10, 10), ("1", 18, 18), ("3", 32, 32), ("10", 58, 58), ("20", 82, 41)]},
     **{f"s{name}m": Preset("2mm", family(m, head_dim=hd))

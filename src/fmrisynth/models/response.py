@@ -131,8 +131,9 @@ class ResponseModel:
 
         In the S-dimensional Gram matrix of the deviations, the estimation noise of subject s adds
         about ``E|noise_s|^2 = sum_c tr((X'X)_sc^-1) * sum_v noise_var_v`` to each squared singular
-        value (noise vectors in V dimensions are nearly orthogonal). Subtracting its mean and
-        dropping what falls below zero leaves the between-subject signal.
+        value (noise vectors in D = C*K*V dimensions are nearly orthogonal). Pure noise spreads
+        those values up to the Marchenko-Pastur edge, (1 + sqrt(S / D))^2 times that energy: a
+        component is kept only above the edge, and its energy is shrunk by the noise's.
         """
         n_sub = dev.shape[0]
         if n_sub < 2 or rank < 1:
@@ -141,8 +142,9 @@ class ResponseModel:
         noise_energy = float(inv_trace.sum(1).mean() * noise_var.sum())
         flat = dev.reshape(n_sub, -1)  # (S, C*K*V)
         u, sv, vt = np.linalg.svd(flat, full_matrices=False)  # (S, S), (S,), (S, C*K*V)
-        signal = np.sqrt(np.clip(sv**2 - noise_energy, 0, None))[:rank]  # shrunk singular values
-        keep = int((signal > 0).sum())
+        edge = noise_energy * (1 + np.sqrt(n_sub / flat.shape[1])) ** 2
+        keep = int(min((sv**2 > edge).sum(), rank))
+        signal = np.sqrt(np.clip(sv**2 - noise_energy, 0, None))  # shrunk singular values
         scale = signal[:keep] / np.sqrt(n_sub - 1)  # sd of the scores along each component
         components = (vt[:keep] * scale[:, None]).reshape(keep, *dev.shape[1:])  # (R, C, K, V)
         scores = u[:, :keep] * np.sqrt(n_sub - 1)  # (S, R) unit-variance scores
