@@ -222,8 +222,11 @@ def _train(args):
 
     cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
                       train__steps=args.steps)  # fmt: skip
+    from fmrisynth.training.loop import is_main
+
     checkpoint = train_diffusion(cfg, args.latents, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"checkpoint: {checkpoint}")
+    if is_main():
+        print(f"checkpoint: {checkpoint}")
 
 
 @verb("sample", "generate clips of a condition and write them as NIfTI")

@@ -28,7 +28,7 @@ from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.response import Event, ResponseModel
 from fmrisynth.models.vqgan import VQGAN
-from fmrisynth.training.loop import load_checkpoint
+from fmrisynth.training.loop import default_device, load_checkpoint
 from fmrisynth.training.vqgan import require_clip_store
 
 
@@ -67,10 +67,6 @@ def _provenance(vqgan_checkpoint: Path, clips: ClipStore) -> dict:
         "clip_store": str(clips.path.resolve()),
         "grid": clips.header.get("grid", "x".join(map(str, clips.grid_shape))),
     }
-
-
-def _device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -143,7 +139,7 @@ def _per_clip(
     for i in tqdm(indices, desc=desc, disable=not progress, dynamic_ncols=True):
         clip = store.clip(int(i))  # (T, D, H, W)
         clip = clip if transform is None else transform(int(i), clip)
-        frames = torch.from_numpy(clip)[:, None].to(_device())  # (T, 1, D, H, W)
+        frames = torch.from_numpy(clip)[:, None].to(default_device())  # (T, 1, D, H, W)
         yield int(i), torch.cat([fn(chunk) for chunk in frames.split(batch)]).cpu()
 
 
@@ -175,7 +171,7 @@ def encode_store(
     response = stage2.response
     if response not in ("hrf", "none"):
         raise FmrisynthError(f"unknown response model {response!r}; choose hrf or none")
-    model = load_vqgan(vqgan_checkpoint, clips.mask).to(_device())
+    model = load_vqgan(vqgan_checkpoint, clips.mask).to(default_device())
     c, f = model.quantizer.codebook.shape[1], model.downsample
     item_shape = (clips.item_shape[0], c, *(s // f for s in clips.grid_shape))
     meta = {**_provenance(vqgan_checkpoint, clips), "response": response}
@@ -232,7 +228,7 @@ def reconstruct_store(
 ) -> Path:
     """Write the VQ-GAN reconstructions (encode, quantise, decode) of a split as a clip store at ``out``."""
     clips = require_clip_store(Path(clip_store))
-    model = load_vqgan(vqgan_checkpoint, clips.mask).to(_device())
+    model = load_vqgan(vqgan_checkpoint, clips.mask).to(default_device())
     indices = clips.indices(split=split)
     if len(indices) == 0:
         raise FmrisynthError(f"no clips in split {split!r}", clips.path)

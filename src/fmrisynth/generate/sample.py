@@ -36,7 +36,7 @@ from fmrisynth.models.presets import build_denoiser
 from fmrisynth.models.response import Event, ResponseModel
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.training.diffusion import RUN_INFO, design_boxcar
-from fmrisynth.training.loop import latest_checkpoint, load_checkpoint
+from fmrisynth.training.loop import autocast, default_device, latest_checkpoint, load_checkpoint
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Denoiser:
         """
         _, c, *spatial = self.info["latent_shape"]
         device = next(self.model.parameters()).device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, self.config.train.amp):
             z = self.diffusion.sample(self.model, labels.to(device), designs.to(device), (designs.shape[1], c, *spatial),
                                       steps, sampler, guidance, generator)  # fmt: skip  # (B, T, c, d, h, w)
         mean, std = (torch.tensor(self.info[k]).reshape(c, 1, 1, 1) for k in ("latent_mean", "latent_std"))
@@ -83,7 +83,7 @@ def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = No
         model.load_state_dict(ckpt.module_state("model", ema=True))
     except RuntimeError as e:
         raise FmrisynthError(f"weights do not match the model in its config ({str(e).splitlines()[0]})", path) from None
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     diffusion = Diffusion(ckpt.config.diffusion, len(conditions))
     return Denoiser(model.to(device).eval(), diffusion, ckpt.config, info, path)
 

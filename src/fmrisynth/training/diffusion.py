@@ -21,7 +21,7 @@ from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
-from fmrisynth.training.loop import Objective, fit
+from fmrisynth.training.loop import Objective, check_train_config, fit, main_only
 
 RUN_INFO = "stage2.json"
 
@@ -35,7 +35,13 @@ def design_boxcar(onset_s: torch.Tensor, duration_s: torch.Tensor, tr: torch.Ten
 
 
 class DiffusionObjective(Objective):
-    """Denoising loss on per-channel normalised latent clips, conditioned on label and block design."""
+    """Denoising loss on per-channel normalised latent clips, conditioned on label and block design.
+
+    Timesteps, noise and condition dropout come from the run's generator (``Objective.randn`` ...),
+    so a resumed run and N ranks draw exactly what one uninterrupted process would.
+    """
+
+    config_sections = ("model", "diffusion", "stage2")
 
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, mean: list, std: list, designs: torch.Tensor,
                  references: dict[str, float]):  # fmt: skip
@@ -47,7 +53,9 @@ class DiffusionObjective(Objective):
 
     def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
         z = (batch["x"] - self.mean[:, None, None, None]) / self.std[:, None, None, None]  # (B, T, c, d, h, w)
-        return self.diffusion.loss(self.model, z, batch["label"], self.designs[batch["index"]]), self.references
+        b, d = z.shape[0], self.diffusion
+        draws = (self.randint(d.num_steps, b), self.randn(*z.shape), self.rand(b) < d.cfg.cond_drop)
+        return d.loss(self.model, z, batch["label"], self.designs[batch["index"]], draws), self.references
 
 
 def _latent_store(path: Path) -> ClipStore:
@@ -77,6 +85,7 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
     """Train the denoiser of ``cfg.model`` on the train split of a latent store; return the last checkpoint."""
     from fmrisynth.data.dataset import ClipDataset
 
+    check_train_config(cfg.train, "train")
     store, out = _latent_store(Path(latents)), Path(out)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*")):
         raise FmrisynthError("output directory already has checkpoints; pass --resume or choose another --out", out)
@@ -100,7 +109,10 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
         **references,
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{RUN_INFO}.tmp").write_text(json.dumps(info))
-    (out / f"{RUN_INFO}.tmp").replace(out / RUN_INFO)
+    def write_info() -> None:  # under torchrun: rank 0 only
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{RUN_INFO}.tmp").write_text(json.dumps(info))
+        (out / f"{RUN_INFO}.tmp").replace(out / RUN_INFO)
+
+    main_only(write_info)
     return fit(objective, dataset, cfg.train, out, cfg.seed, resume=resume, config=cfg, desc="train", progress=progress)
