@@ -86,8 +86,10 @@ def test_237m_preset_matches_the_reference_size():
     assert abs(n_params("monai-237m", (20, 4, 24, 28, 24)) / 237e6 - 1) < 0.05
 
 
-def test_tiny_preset_is_cpu_sized():
-    assert 1e6 <= n_params("monai-tiny", (20, 4, 8, 10, 8)) <= 3e6
+def test_tiny_preset_is_cpu_sized_and_its_stem_keeps_the_clip():
+    assert 5e6 <= n_params("monai-tiny", (20, 4, 8, 10, 8)) <= 1e7
+    for preset in BASELINE_PRESETS.values():  # equal terms: the first level is at least T*c wide
+        assert preset["channels"][0] >= 20 * 4
 
 
 def test_presets_are_plain_unet_kwargs():
