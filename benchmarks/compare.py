@@ -7,7 +7,7 @@ on the embedded simulator. Every arm gets the same data (simulate -> prepare -> 
 done once and shared), the same seed, steps, batch, learning rate, sampler, guidance and number of
 generated clips (as many per condition as the held-out split has), and the same evaluation.
 
-    python benchmarks/compare.py                   # CPU: tiny sizes, 6 mm grid, ~1 h on 2 idle cores
+    python benchmarks/compare.py                   # CPU: tiny sizes, 6 mm grid, about 1 h on 2 idle cores
     python benchmarks/compare.py --gpu             # reference sizes at the 2 mm grid, one GPU
     python benchmarks/compare.py --arms ours,monai-unet --set train.steps=2000
 
@@ -33,14 +33,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
+from fmrisynth.generate.codec import encode_store
 from fmrisynth.pipeline import METRICS, _stage, prepare_latents, sample_and_evaluate
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
 
 @dataclass(frozen=True)
+class Arm:
+    """One contestant: a denoiser and what it diffuses ("hrf": clip - task response; "none": whole clips)."""
+
+    model: ModelConfig
+    response: str = "hrf"
+
+
+@dataclass(frozen=True)
 class Profile:
-    """Overrides of the demo recipe (applied before the user's ``--set``) and the arms: name -> model.
+    """Overrides of the demo recipe (applied before the user's ``--set``) and the arms: name -> Arm.
 
     Both profiles start from the demo recipe (``src/fmrisynth/configs/demo.yaml``): 20 simulated
     subjects of which 8 are held out, so that the real maps, and with them the noise ceiling, are
@@ -48,16 +57,20 @@ class Profile:
     """
 
     overrides: tuple[str, ...]
-    arms: dict[str, ModelConfig]
+    arms: dict[str, Arm]
 
 
 PROFILES = {
-    # s3m (3.2M) and monai-tiny (2.3M) cost the same 0.8 GFLOPs per forward pass at the demo latent,
-    # so on CPU the two backbones meet at equal compute; the ablations are variants of s3m.
+    # ours (tiny, 0.09M, 0.42 GFLOPs per clip) and the ablations (variants of it) against the MONAI
+    # U-Net whose first level is T*c = 80 wide (7.3M, 3.4 GFLOPs): the same steps, so MONAI gets
+    # 8x the compute; each with the response model (hrf) and as the reference's pure conditional
+    # latent diffusion (none).
     "cpu": Profile(
-        overrides=("vae_train.steps=300", "train.steps=600", "train.ckpt_every=300"),
-        arms={"ours": ModelConfig("ours", "s3m"), "monai-unet": ModelConfig("monai-unet", "monai-tiny"),
-              **{v: ModelConfig("ours", "s3m", v) for v in ABLATIONS}},
+        overrides=("vae_train.steps=300", "train.steps=400", "train.ckpt_every=200"),
+        arms={"ours": Arm(ModelConfig("ours", "tiny")), "ours-none": Arm(ModelConfig("ours", "tiny"), "none"),
+              "monai-unet": Arm(ModelConfig("monai-unet", "monai-tiny")),
+              "monai-unet-none": Arm(ModelConfig("monai-unet", "monai-tiny"), "none"),
+              **{v: Arm(ModelConfig("ours", "tiny", v)) for v in ABLATIONS}},
     ),
     # The reference's sizes at 2 mm: ours at 463M and at 237M (the size of its baseline and
     # ablations), the 237M MONAI U-Net, and the ablations re-widened to ~236.5M each. The simulated
@@ -66,16 +79,22 @@ PROFILES = {
         overrides=("sim.grid=2mm", "data.grid=2mm", "vae.preset=base", "vae_train.steps=20000",
                    "vae_train.batch_size=16", "vae_train.lr=1e-4", "vae_train.warmup_steps=500",
                    "vae_train.ckpt_every=2000", "train.steps=20000", "train.batch_size=8", "train.lr=1e-4",
-                   "train.ema_decay=0.9999", "train.ckpt_every=2000", "diffusion.sample_steps=50"),
-        arms={"ours": ModelConfig("ours", "s463m"), "ours-237m": ModelConfig("ours", "s237m"),
-              "monai-unet": ModelConfig("monai-unet", "monai-237m"),
-              **{v: ModelConfig("ours", f"s237m-{v}") for v in ABLATIONS}},
+                   "train.ema_decay=0.9999", "train.ckpt_every=2000", "diffusion.sample_steps=50", "train.amp=bf16"),
+        arms={"ours": Arm(ModelConfig("ours", "s463m")), "ours-237m": Arm(ModelConfig("ours", "s237m")),
+              "ours-237m-none": Arm(ModelConfig("ours", "s237m"), "none"),
+              "monai-unet": Arm(ModelConfig("monai-unet", "monai-237m")),
+              "monai-unet-none": Arm(ModelConfig("monai-unet", "monai-237m"), "none"),
+              **{v: Arm(ModelConfig("ours", f"s237m-{v}")) for v in ABLATIONS}},
     ),
 }  # fmt: skip
+
 COLUMNS = {  # row key -> table header
+    "response": "response",
     "params": "params", "gflops": "GFLOPs", "step_s": "step s", "sample_s_per_clip": "sample s/clip",
     "map_corr_mean": "map r", "rsa": "RSA", "top1_map": "top1 map", "top1_clip": "top1 clip", "hrf_corr_mean": "HRF r",
+    "c2st": "C2ST", "autocorr_max_diff": "AC diff", "variance_ratio": "var ratio",
 }  # fmt: skip
+REALISM = {"c2st": "c2st_accuracy", "autocorr_max_diff": "autocorr_max_diff", "variance_ratio": "variance_ratio"}
 
 
 def profile_config(name: str, overrides: list[str] = ()) -> Config:
@@ -121,7 +140,10 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
         "params": info["params"], "gflops": info["gflops"],
         "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
-        **{k: metrics.get(k) for k in METRICS},
+        "response": cfg.stage2.response, **{k: metrics.get(k) for k in METRICS},
+        # evaluation v2: real clips of other subjects, what decoding loses, the simulator's truth, realism
+        **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
+        **{k: (metrics.get("realism") or {}).get(v) for k, v in REALISM.items()},
         # the real data's own halves; for HRF r, how well the real ROI time course follows the canonical HRF
         "ceiling": {**{k: metrics["ceiling"][k] for k in ("map_corr_mean", "rsa", "top1_map")},
                     "hrf_corr_mean": metrics.get("hrf_corr_real_mean")},
@@ -134,6 +156,8 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
 def _cell(key: str, value) -> str:
     if value is None:
         return "-"
+    if isinstance(value, str):
+        return value
     if key == "params":
         return f"{value / 1e6:.2f}M"
     return f"{value:.4g}" if key in ("gflops", "step_s", "sample_s_per_clip") else f"{value:.3f}"
@@ -185,9 +209,16 @@ def main(argv: list[str] | None = None) -> dict:
     save_config(cfg, saved)
 
     t0 = time.perf_counter()
-    latents = prepare_latents(cfg, out / "data", args.fresh, print)
-    rows = [run_arm(replace(cfg, model=profile.arms[a]), a, latents, out / "data" / "store", out, args.fresh, print)
-            for a in arms]  # fmt: skip
+    latents = {"hrf": prepare_latents(replace(cfg, stage2=replace(cfg.stage2, response="hrf")), out / "data", args.fresh, print)}
+    rows = []
+    for a in arms:
+        arm = profile.arms[a]
+        arm_cfg = replace(cfg, model=arm.model, stage2=replace(cfg.stage2, response=arm.response))
+        if arm.response not in latents:  # the same clips and VQ-GAN, encoded whole
+            latents[arm.response] = _stage(f"encode ({arm.response})", out / "data" / f"latents-{arm.response}", args.fresh,
+                                           lambda d: encode_store(out / "data" / "vae", out / "data" / "store", d,
+                                                                  splits=("train",), stage2=arm_cfg.stage2, seed=cfg.seed), print)  # fmt: skip
+        rows.append(run_arm(arm_cfg, a, latents[arm.response], out / "data" / "store", out, args.fresh, print))
     print("\n" + table(rows))
 
     result = {"profile": name, "rows": rows, "minutes": (time.perf_counter() - t0) / 60, "machine": machine(),

@@ -29,12 +29,13 @@ def test_every_arm_builds_at_its_profiles_latent_size(compare, profile):
 
     shape = LATENT_SHAPES[compare.profile_config(profile).data.grid]
     arms = compare.PROFILES[profile].arms
-    for name, model_cfg in arms.items():
+    for name, arm in arms.items():
         with torch.device("meta"):  # nothing allocated, even at 463M
-            model = build_denoiser(model_cfg, shape, n_classes=7)
+            model = build_denoiser(arm.model, shape, n_classes=7)
         if name in compare.ABLATIONS:
             assert model.variant == name
-    assert {"ours", "monai-unet", *compare.ABLATIONS} <= set(arms)
+        assert arm.response == ("none" if name.endswith("-none") else "hrf")
+    assert {"ours", "monai-unet", "monai-unet-none", *compare.ABLATIONS} <= set(arms)
 
 
 def test_step_seconds_is_the_median_after_the_warmup_window(compare, tmp_path):
@@ -51,7 +52,7 @@ def test_table_has_one_line_per_arm_and_the_ceiling_last(compare):
     lines = compare.table(rows).splitlines()
     assert [line.split()[0] for line in lines[1:3]] == ["ours", "monai-unet"]
     assert lines[-1].startswith("noise ceiling") and "2.50M" in lines[1]
-    assert lines[-1].split()[-1] == "0.800" and "0.950" in lines[-1]
+    assert lines[-1].split()[-4] == "0.800" and "0.950" in lines[-1]  # HRF r, then the realism columns
 
 
 def test_a_run_directory_of_another_config_is_not_silently_reused(compare, tmp_path):
