@@ -1,10 +1,11 @@
-"""Stage 2 end to end on a tiny latent store: train (through the CLI), sample, and the NIfTI format.
+"""Stage 2 end to end on a tiny latent store: train (through the CLI), sample, and the BIDS output.
 
 The VQ-GAN is replaced by a stand-in decoder (nearest upsampling of the latent channel mean), so
 these tests check stage 2's own work: timing, determinism, file format and errors.
 """
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -87,23 +88,29 @@ def test_training_writes_the_log_checkpoints_and_run_info(run):
     assert den.checkpoint.name == "step_000003" and not den.model.training
 
 
-def test_sample_writes_nifti_sidecar_and_events_for_evaluation(run, capsys):
+def test_sample_writes_a_bids_dataset_one_run_per_clip_for_evaluation(run, capsys):
     out = run / "samples"
     args = ["sample", "--checkpoint", str(run / "run"), "--condition", "WM:2bk_faces", "--n", "3", "--seed", "4",
             "--onset", "0.5", "--duration", "1.0", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
-    files = sorted(p.name for p in out.iterdir())
-    assert len(files) == 9 and "WM-2bk_faces_seed4_002_bold.nii.gz" in files
-    img = nib.load(out / "WM-2bk_faces_seed4_000_bold.nii.gz")
+    stem = out / "sub-synth01" / "func" / "sub-synth01_task-WM2bkfaces_run-1"
+    assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json", "sub-synth01", "sub-synth02", "sub-synth03"]
+    assert sorted(p.name for p in stem.parent.iterdir()) == [f"{stem.name}_{s}" for s in
+                                                            ("bold.json", "bold.nii.gz", "desc-brain_mask.nii.gz", "events.tsv")]  # fmt: skip
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative" and description["GeneratedBy"][0]["Name"] == "fmrisynth"
+    img = nib.load(f"{stem}_bold.nii.gz")
     assert img.shape == (*GRID, T) and img.get_data_dtype() == np.float32
     assert np.allclose(img.affine, AFFINE) and np.isclose(img.header.get_zooms()[3], TR)
     assert np.isfinite(img.get_fdata()).all() and img.get_fdata()[0].max() == 0  # outside the brain mask
-    sidecar = json.loads((out / "WM-2bk_faces_seed4_000_bold.json").read_text())
-    assert {"condition", "onset_s", "duration_s", "tr", "seed", "guidance", "sampler", "steps", "checkpoint"} <= set(sidecar)
+    sidecar = json.loads(Path(f"{stem}_bold.json").read_text())
+    assert {"condition", "onset_s", "duration_s", "tr", "seed", "guidance", "sampler", "steps", "checkpoint",
+            "RepetitionTime", "TaskName"} <= set(sidecar)  # fmt: skip
     assert sidecar["onset_s"] == 0.5 and sidecar["duration_s"] == 1.0 and sidecar["guidance"] == 1.5
-    assert sidecar["steps"] == 4 and sidecar["sampler"] == "ddim"
-    events = (out / "WM-2bk_faces_seed4_000_events.tsv").read_text().splitlines()
-    assert events == ["onset\tduration\ttrial_type", "0.500\t1.000\tWM:2bk_faces"]
+    assert sidecar["steps"] == 4 and sidecar["sampler"] == "ddim" and sidecar["RepetitionTime"] == TR
+    events = Path(f"{stem}_events.tsv").read_text().splitlines()
+    assert events == ["onset\tduration\ttrial_type\tmodulation", "0.500\t1.000\tWM:2bk_faces\t1"]
+    assert main(args) == 1 and "already holds" in capsys.readouterr().err  # never overwritten
 
 
 def test_generated_clips_carry_the_response_models_maps(run, tmp_path):
@@ -126,7 +133,7 @@ def test_samples_are_deterministic_by_seed_and_survive_the_checkpoint_round_trip
     checkpoint = sorted((run / "run" / "checkpoints").glob("step_*"))[-1]
     a, b, c = clips(run / "run", 0, "a"), clips(checkpoint, 0, "b"), clips(run / "run", 1, "c")
     assert np.array_equal(a, b) and not np.allclose(a, c)
-    onsets = [json.loads(p.read_text())["onset_s"] for p in sorted((tmp_path / "a").glob("*.json"))]
+    onsets = [json.loads(p.read_text())["onset_s"] for p in sorted((tmp_path / "a").rglob("*_bold.json"))]
     assert set(onsets) <= {0.0, 0.72, 1.44}  # default timings are drawn from the training blocks
 
 

@@ -109,7 +109,7 @@ def test_codec_reconstructs_the_reference_through_the_generating_runs_vqgan(tmp_
     (run / "checkpoints" / "step_10").mkdir(parents=True)
     (run / "stage2.json").write_text(json.dumps({"vqgan_checkpoint": str(tmp_path / "vae"), "clip_store": str(store.path)}))
     samples = _good_samples(tmp_path / "samples", rng, n=4)
-    for sidecar in samples.glob("*_bold.json"):
+    for sidecar in samples.rglob("*_bold.json"):
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "checkpoint": str(run / "checkpoints" / "step_10")}))
     m = evaluate(f"{store.path}:test", samples, tmp_path / "eval", Config())
     assert loaded == [tmp_path / "vae"] and m["codec"]["vqgan_checkpoint"] == str(tmp_path / "vae")
@@ -140,7 +140,7 @@ def test_truth_maps_are_found_through_the_store_provenance(tmp_path, rng):
     assert truth["source"] == str(sim) and set(truth) == {"real", "reference", "generated", "source"}
     assert truth["real"]["map_corr_mean"] > 0.9 and truth["generated"]["map_corr_mean"] > 0.7
     noise = _good_samples(tmp_path / "noise", np.random.default_rng(5), n=4)
-    for f in noise.glob("*_bold.nii.gz"):  # pure noise: no map at all
+    for f in noise.rglob("*_bold.nii.gz"):  # pure noise: no map at all
         img = nib.load(f)
         nib.save(nib.Nifti1Image(rng.normal(size=img.shape).astype(np.float32), img.affine), f)
     m = evaluate(f"{store.path}:test", noise, tmp_path / "eval", Config())

@@ -1,6 +1,7 @@
 """`evaluate` end to end on a tiny synthetic store and sample directories, and its input checks."""
 
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -10,6 +11,7 @@ from fmrisynth.config import Config
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.run import evaluate
+from fmrisynth.generate.bids import condition_task, run_stem
 from fmrisynth.tasks import block_regressor
 
 CONDITIONS = ["LANGUAGE:story", "MOTOR:rh", "WM:2bk_faces"]
@@ -43,16 +45,17 @@ def make_store(path, rng, per_subject=3):
 
 
 def write_samples(root, clips, conditions, onsets=None, shape=GRID, affine=AFFINE):
-    """A `fmrisynth sample` directory: <name>_bold.nii.gz (D, H, W, T) + sidecar + events."""
-    root.mkdir(parents=True, exist_ok=True)
+    """A `fmrisynth sample` dataset (generate/bids.py): sub-*/func/*_bold.nii.gz (D, H, W, T) + sidecar + events."""
     for i, (y, condition) in enumerate(zip(clips, conditions)):
+        stem = root / run_stem(f"synth{i:03d}", condition_task(condition))
+        stem.parent.mkdir(parents=True, exist_ok=True)
         vol = np.zeros(shape + (T,), np.float32)
         vol[: GRID[0], : GRID[1], : GRID[2]][MASK] = y.T
         onset = 0.0 if onsets is None else onsets[i]
-        nib.save(nib.Nifti1Image(vol, affine), root / f"sample-{i:03d}_bold.nii.gz")
+        nib.save(nib.Nifti1Image(vol, affine), f"{stem}_bold.nii.gz")
         meta = {"condition": condition, "onset_s": onset, "duration_s": 8.0, "tr": TR, "seed": i}
-        (root / f"sample-{i:03d}_bold.json").write_text(json.dumps(meta))
-        (root / f"sample-{i:03d}_events.tsv").write_text(f"onset\tduration\ttrial_type\n{onset}\t8.0\t{condition}\n")
+        Path(f"{stem}_bold.json").write_text(json.dumps(meta))
+        Path(f"{stem}_events.tsv").write_text(f"onset\tduration\ttrial_type\n{onset}\t8.0\t{condition}\n")
     return root
 
 
@@ -110,9 +113,9 @@ def test_copies_of_training_clips_are_flagged(tmp_path, store):
         ("nan", "NaN"),
         ("empty", "no generated clips"),
         ("split", "no clips in split"),
-        ("truncated", "sample-000_bold.nii.gz: cannot read the image: truncated"),
-        ("notgzip", "sample-000_bold.nii.gz: not a readable gzipped NIfTI"),
-        ("nan_onset", "sample-000_bold.json: onset_s, duration_s, tr must be finite numbers"),
+        ("truncated", "synth000_task-LANGUAGEstory_run-1_bold.nii.gz: cannot read the image: truncated"),
+        ("notgzip", "synth000_task-LANGUAGEstory_run-1_bold.nii.gz: not a readable gzipped NIfTI"),
+        ("nan_onset", "synth000_task-LANGUAGEstory_run-1_bold.json: onset_s, duration_s, tr must be finite numbers"),
     ],
 )
 def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, store, rng, case, message):
@@ -130,13 +133,13 @@ def test_bad_input_is_one_clear_error_and_writes_nothing(tmp_path, store, rng, c
     elif case == "empty":
         (tmp_path / "g").mkdir()
     elif case in ("truncated", "notgzip", "nan_onset"):
-        nifti = write_samples(tmp_path / "g", y, CONDITIONS[:1]) / "sample-000_bold.nii.gz"
+        nifti = next(write_samples(tmp_path / "g", y, CONDITIONS[:1]).rglob("*_bold.nii.gz"))
         if case == "truncated":
             nifti.write_bytes(nifti.read_bytes()[: nifti.stat().st_size // 2])
         elif case == "notgzip":
             nifti.write_bytes(b"\x00" * 400)
         else:
-            sidecar = nifti.with_name("sample-000_bold.json")
+            sidecar = nifti.with_name(nifti.name.replace(".nii.gz", ".json"))
             sidecar.write_text(sidecar.read_text().replace('"onset_s": 0.0', '"onset_s": NaN'))
     else:
         write_samples(tmp_path / "g", y, CONDITIONS[:1])

@@ -142,13 +142,22 @@ def config_from(args: argparse.Namespace, base: Path | None = None, **flags: obj
         p.add_argument("--tasks", help="hcp7 or all (the seven HCP paradigms), or a list such as MOTOR,WM"),
         p.add_argument("--grid", help="2mm (the real HCP grid), 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
         p.add_argument("--runs", help="phase encodings, e.g. LR,RL"),
+        p.add_argument("--events", type=Path, help="any design instead of the HCP paradigms: a BIDS events.tsv (BIDS output)"),
+        p.add_argument("--tr", type=positive_float, help="with --events: repetition time in s"),
+        p.add_argument("--frames", type=positive_int, help="with --events: frames per run"),
+        p.add_argument("--task", help="with --events: BIDS task label (default: the events file's name)"),
     )
 )
 def _simulate(args):
     from fmrisynth.data.simulator import simulate
 
     cfg = config_from(args, sim__subjects=args.subjects, sim__tasks=args.tasks, sim__grid=args.grid, sim__runs=args.runs)
-    summary = simulate(cfg, args.out)
+    if any(v is not None for v in (args.events, args.tr, args.frames, args.task)):
+        from fmrisynth.data.sim_events import simulate_design
+
+        summary = simulate_design(cfg, args.out, args.events, args.tr, args.frames, args.task, args.tasks is None)
+    else:
+        summary = simulate(cfg, args.out)
     print(f"wrote {summary['runs']} runs of {len(summary['subjects'])} subjects ({summary['grid']}) "
           f"to {summary['out']} in {summary['seconds']:.0f} s")  # fmt: skip
 
@@ -229,26 +238,36 @@ def _train(args):
         print(f"checkpoint: {checkpoint}")
 
 
-@verb("sample", "generate clips of a condition and write them as NIfTI")
+@verb("sample", "generate clips of a condition, or whole runs of any design, as a BIDS dataset")
 @arguments(
     lambda p: (
-        p.add_argument("--checkpoint", type=Path, required=True, help="run directory of `fmrisynth train` or a checkpoint"),
-        p.add_argument("--condition", required=True, help="e.g. MOTOR:rh"),
-        p.add_argument("--n", type=positive_int, default=8, help="clips to generate"),
-        p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the run's, 2.0)"),
-        p.add_argument("--steps", type=positive_int, help="sampling steps (default 50)"),
+        p.add_argument("--checkpoint", type=Path, required=True, help="run of `fmrisynth train`, a checkpoint, or a demo folder"),
+        p.add_argument("--condition", help="clip mode: the condition, e.g. MOTOR:rh"),
+        p.add_argument("--n", type=positive_int, default=8, help="clip mode: clips to generate"),
+        p.add_argument("--guidance", type=finite_float, help="clip mode: classifier-free guidance (default: the run's)"),
+        p.add_argument("--onset", type=finite_float, help="clip mode: block onset in s (default: drawn from training)"),
+        p.add_argument("--duration", type=positive_float, help="clip mode: block duration in s (default: drawn from training)"),
+        p.add_argument("--events", type=Path, help="run mode: a BIDS events.tsv (onset, duration, trial_type[, modulation])"),
+        p.add_argument("--tr", type=positive_float, help="run mode: repetition time in s"),
+        p.add_argument("--frames", type=positive_int, help="run mode: frames per run"),
+        p.add_argument("--subjects", type=positive_int, default=1, help="run mode: generated subjects, one run each"),
+        p.add_argument("--task", help="run mode: BIDS task label, letters and digits (default: the events file's name)"),
+        p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)"),
         p.add_argument("--sampler", choices=["ddpm", "ddim"]),
-        p.add_argument("--onset", type=finite_float, help="block onset in s from the first frame (default: drawn from training)"),
-        p.add_argument("--duration", type=positive_float, help="block duration in s (default: drawn from training)"),
-        p.add_argument("--out", type=Path, required=True),
+        p.add_argument("--out", type=Path, required=True, help="BIDS dataset folder (created; other tasks in it stay)"),
     )
 )
 def _sample(args):
-    from fmrisynth.generate.sample import sample
+    from fmrisynth.generate import sample as gen
 
-    paths = sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
-                   sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration)  # fmt: skip
-    print(f"{len(paths)} clips of {args.condition} -> {args.out}")
+    if args.events is None:
+        paths = gen.sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
+                           sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration)  # fmt: skip
+        return print(f"{len(paths)} clips of {args.condition} -> {args.out}")
+    clip_flags = [f for f in ("condition", "guidance", "onset", "duration") if getattr(args, f) is not None]
+    paths = gen.sample_runs(args.checkpoint, args.events, args.tr, args.frames, args.out, subjects=args.subjects, task=args.task,
+                            seed=args.seed or 0, steps=args.steps, sampler=args.sampler, progress=True, clip_flags=clip_flags)  # fmt: skip
+    print(f"{len(paths)} runs ({args.frames} frames, TR {args.tr:g} s) -> {args.out}")
 
 
 @verb("evaluate", "generated clips beside real clips of other people: task maps, realism, references")

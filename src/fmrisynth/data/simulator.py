@@ -202,18 +202,27 @@ class _Subject:
 
     def truth_maps(self, paradigms: list[Paradigm]) -> np.ndarray:
         """Condition maps (N, C) in the subject's anatomy, for every EV of ``paradigms``."""
-        columns = [HCP24.index(c) for p in paradigms for c in p.conditions]
+        return self.truth_maps_of([c for p in paradigms for c in p.conditions])
+
+    def truth_maps_of(self, conditions: list[str]) -> np.ndarray:
+        """Condition maps (N, C) in the subject's anatomy, for HCP24 ``conditions``."""
+        columns = [HCP24.index(c) for c in conditions]
         return (self._warp(self.task[:, columns]) * self.warped_mask()[:, None]).astype(np.float32)
 
     def run(self, p: Paradigm, pe: str, events: dict) -> tuple[np.ndarray, object]:
-        """One run: int16 frames (N, T) on the support, and its canonical design (pandas DataFrame)."""
+        """One run of paradigm ``p``: int16 frames (N, T) on the support, and its canonical design."""
+        rng = np.random.default_rng([self.seed, 2, self.i, _index(p), _pe_index(pe)])
+        regs = _regressors(events, p.n_frames)
+        return self.make(regs, [f"{p.name}:{ev}" for ev in regs], pe, rng, p.n_frames, HCP_TR)
+
+    def make(self, regs: dict, conditions: list[str], pe: str, rng: np.random.Generator, T: int,
+             tr: float) -> tuple[np.ndarray, object]:  # fmt: skip
+        """A run of T frames: regressors ``regs`` (name -> (T, 3)) of HCP24 ``conditions``, drawn from ``rng``."""
         import pandas as pd
         import torch  # its Gaussian sampler is ~4x faster than numpy's; thermal noise dominates the draws
 
-        sim, cfg, T = self.sim, self.cfg, p.n_frames
-        rng = np.random.default_rng([self.seed, 2, self.i, _index(p), _pe_index(pe)])
-        regs = _regressors(events, T)
-        m = self.task[:, [HCP24.index(f"{p.name}:{ev}") for ev in regs]]  # (N, E)
+        sim, cfg = self.sim, self.cfg
+        m = self.task[:, [HCP24.index(c) for c in conditions]]  # (N, E)
         # HRF latency d (s) ~ -d x time derivative; dispersion change ~ dispersion derivative
         spatial = np.hstack([self.baseline[:, None], self.inside[:, None], m, -m * self.delay[:, None],
                              m * self.dispersion[:, None], self.background])  # fmt: skip
@@ -233,7 +242,7 @@ class _Subject:
         signal *= scale / 100.0  # in place from here: a 2 mm run is ~0.5 GB
         signal += scale
         np.clip(np.rint(signal, out=signal), 0, np.iinfo(np.int16).max, out=signal)
-        design = pd.DataFrame({"frame_time": np.arange(T) * HCP_TR, **{ev: r[:, 0] for ev, r in regs.items()}})
+        design = pd.DataFrame({"frame_time": np.arange(T) * tr, **{ev: r[:, 0] for ev, r in regs.items()}})
         return signal.astype(np.int16), design
 
     def _factors(self, rng: np.random.Generator, T: int) -> np.ndarray:
@@ -258,12 +267,16 @@ class _Subject:
         return np.hstack(maps).astype(np.float32), np.vstack(courses).astype(np.float32)
 
 
-def _regressors(events: dict[str, list[tuple[float, float]]], T: int) -> dict[str, np.ndarray]:
-    """EV -> (T, 3): nilearn's Glover regressor, its time derivative and its dispersion derivative."""
+def _regressors(events: dict[str, list[tuple[float, ...]]], T: int, tr: float = HCP_TR) -> dict[str, np.ndarray]:
+    """EV -> (T, 3): nilearn's Glover regressor, its time derivative and its dispersion derivative.
+
+    Events are (onset, duration) or (onset, duration, amplitude) in seconds; amplitude defaults to 1.
+    """
     from nilearn.glm.first_level import compute_regressor
 
-    frame_times = np.arange(T) * HCP_TR
-    conditions = {ev: np.vstack([np.array(blocks).T, np.ones(len(blocks))]) for ev, blocks in events.items()}
+    frame_times = np.arange(T) * tr
+    rows = {ev: np.array(blocks, dtype=float).T for ev, blocks in events.items()}  # (2 or 3, n)
+    conditions = {ev: r if len(r) == 3 else np.vstack([r, np.ones(r.shape[1])]) for ev, r in rows.items()}
     return {  # same call and oversampling as tasks.block_regressor, so column 0 is exactly that regressor
         ev: compute_regressor(c, "glover + derivative + dispersion", frame_times, oversampling=16)[0]
         for ev, c in conditions.items()

@@ -2,16 +2,14 @@
 
 Real clips come from a clip store split (``STORE[:split]``). Generated clips come from another
 store (``STORE[:split]``, all clips by default, so that real-vs-real is ``--real S:test
---generated S:val``) or from a directory written by ``fmrisynth sample``: ``<name>_bold.nii.gz``
-(4D, D x H x W x T, on the model grid) with a ``<name>_bold.json`` sidecar giving condition,
-onset_s, duration_s and tr. Everything is validated against the real store before any work is
-done (grid, affine, mask, conditions, clip length); NaNs are caught when a clip is read.
+--generated S:val``) or from a BIDS dataset written by ``fmrisynth sample --condition`` (read by
+generate/bids.py: 4D runs on the model grid, sidecars giving condition, onset_s, duration_s and
+tr). Everything is validated against the real store before any work is done (grid, affine, mask,
+conditions, clip length); NaNs are caught when a clip is read.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +21,6 @@ from fmrisynth.data.store import DTYPE, ClipStore
 from fmrisynth.errors import FmrisynthError
 
 LABELS = ["condition", "onset_s", "duration_s", "tr", "subject", "pe", "run"]
-SIDECAR_KEYS = ("condition", "onset_s", "duration_s", "tr")
 
 
 @dataclass
@@ -157,24 +154,14 @@ def _check_grid(shape: tuple[int, ...], affine: np.ndarray, real: ClipStore, pat
 
 
 def _sample_dir(root: Path, real: ClipStore) -> ClipSet:
-    """Index a directory of ``<name>_bold.nii.gz`` + ``<name>_bold.json``; headers only, no data."""
+    """Index a dataset written by ``fmrisynth sample`` (its reader: generate/bids.py); headers only, no data."""
     import nibabel as nib
     import pandas as pd
 
-    files = sorted(root.glob("*_bold.nii.gz"))
-    if not files:
-        raise FmrisynthError("no generated clips (*_bold.nii.gz) found", root)
-    rows, checkpoints = [], {}
+    from fmrisynth.generate.bids import read_clips
+
+    files, rows, runs = read_clips(root)
     for f in files:
-        sidecar = f.with_name(f.name.replace(".nii.gz", ".json"))
-        try:
-            meta = json.loads(sidecar.read_text())
-            rows.append({k: meta[k] for k in SIDECAR_KEYS})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise FmrisynthError(f"sidecar missing or incomplete ({e}); it needs {', '.join(SIDECAR_KEYS)}", sidecar) from None
-        if not all(isinstance(meta[k], (int, float)) and math.isfinite(meta[k]) for k in SIDECAR_KEYS[1:]):
-            raise FmrisynthError(f"{', '.join(SIDECAR_KEYS[1:])} must be finite numbers", sidecar)
-        checkpoints.setdefault(str(meta.get("checkpoint") or ""), None)
         try:
             img = nib.load(f)
         except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as e:
@@ -192,5 +179,4 @@ def _sample_dir(root: Path, real: ClipStore) -> ClipSet:
             raise FmrisynthError(f"cannot read the image: truncated or damaged ({e})", files[i]) from None
         return np.ascontiguousarray(data[mask].T)  # (T, V)
 
-    runs = tuple(c for c in checkpoints if c)
-    return ClipSet(str(root), table, read, int(img.shape[3]), [str(f) for f in files], runs)
+    return ClipSet(str(root), table, read, int(img.shape[3]), [str(f) for f in files], tuple(runs))

@@ -1,6 +1,6 @@
-"""Generation: load a trained stage-2 run and turn noise into clips on the model grid.
+"""Generation: load a trained stage-2 run and turn noise into clips or whole runs on the model grid.
 
-A clip is made in three parts, each from its own model (DESIGN.md, "The pipeline"):
+A clip or run is made in three parts, each from its own model (DESIGN.md, "The pipeline"):
 
     residual latents  the space-time denoiser, conditioned on label and design  (B, T, c, d, h, w)
       -> decode       the VQ-GAN, frame by frame                                (B, T, D, H, W)
@@ -8,19 +8,25 @@ A clip is made in three parts, each from its own model (DESIGN.md, "The pipeline
       + response      the task response of the design, through a drawn subject (B, T, V)
 
 With ``stage2.response: none`` the denoiser makes whole clips and there is no response to add.
-``sample`` writes one clip per sample, in the format ``fmrisynth evaluate`` reads::
 
-    <name>_bold.nii.gz   (D, H, W, T) float32, the clip store's affine, zooms[3] = TR
-    <name>_bold.json     {"condition", "onset_s", "duration_s", "tr", "seed", "guidance", "sampler",
-                          "steps", "checkpoint"}
-    <name>_events.tsv    BIDS events (onset, duration, trial_type): the condition's block in the clip
+Two ways to sample, both written as one BIDS derivative dataset (generate/bids.py):
+
+* ``sample``: ``n`` clips of one condition (a block at a training timing, or ``onset_s``/``duration_s``),
+  one run per clip, for ``fmrisynth evaluate``.
+* ``sample_runs``: whole runs of any design (an events.tsv, data/design.py), one per generated
+  subject. The denoiser learned the task-free residual, so a run's background is generated with
+  the null condition (the classifier-free-guidance class, an all-zero design) over all T frames in
+  one pass (temporal convolutions and rotary attention take any T: no windows, hence no seams),
+  and the task is the response model's prediction for the full design through the subject's own
+  drawn maps. ``response: none`` models have no task-free background and no response model:
+  whole runs are refused with one line (they would need conditioning block by block, which
+  the model never saw for overlapping or back-to-back events).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +34,10 @@ import numpy as np
 import torch
 
 from fmrisynth.config import Config
+from fmrisynth.data.design import DesignEvent, default_task, read_design
 from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.generate import codec
+from fmrisynth.generate import bids, codec
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.models.response import Event, ResponseModel
@@ -65,9 +72,17 @@ class Denoiser:
         return z.float().cpu() * std + mean
 
 
+def find_run(path: str | Path) -> Path:
+    """A stage-2 run directory, one of its checkpoints, or a demo's output folder (its ``diffusion/``)."""
+    path = Path(path)
+    if not (path / RUN_INFO).is_file() and (path / "diffusion" / RUN_INFO).is_file():
+        return path / "diffusion"
+    return path
+
+
 def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = None) -> Denoiser:
-    """The stage-2 model of a run directory (newest checkpoint) or of one checkpoint directory."""
-    path = latest_checkpoint(checkpoint)
+    """The stage-2 model of a run directory (newest checkpoint), one checkpoint, or a demo folder."""
+    path = latest_checkpoint(find_run(checkpoint))
     info_file = path.parent.parent / RUN_INFO
     if not info_file.is_file():
         raise FmrisynthError(f"not a diffusion checkpoint (no {RUN_INFO} in its run directory)", checkpoint)
@@ -102,6 +117,37 @@ class Generator:
     @property
     def conditions(self) -> list[str]:
         return self.denoiser.info["conditions"]
+
+    @property
+    def null_label(self) -> int:
+        """The classifier-free-guidance class: "no condition" (trained with an all-zero design)."""
+        return len(self.conditions)
+
+    def blocks(self, condition: str) -> np.ndarray:
+        """The training blocks (n, 3) of ``condition``: onset_s, duration_s, tr of each training clip."""
+        if condition not in self.conditions:
+            raise FmrisynthError(f"unknown condition {condition!r}; this model knows {', '.join(self.conditions)}")
+        blocks = np.asarray(self.denoiser.info["blocks"].get(condition, []), dtype=float).reshape(-1, 3)
+        if len(blocks) == 0:
+            raise FmrisynthError(f"condition {condition!r} has no training clips to take its timing from")
+        return blocks
+
+    def check_runs(self, frames: int) -> None:
+        """Refuse, in one line, whole runs this model cannot make (see the module docstring)."""
+        if self.response is None:
+            raise FmrisynthError("this model was trained with stage2.response: none (whole clips, no response model); "
+                                 "whole runs need stage2.response: hrf, or sample clips with --condition",
+                                 self.denoiser.checkpoint)  # fmt: skip
+        trained = self.denoiser.info["latent_shape"][0]
+        if self.denoiser.config.model.backbone != "ours" and frames != trained:
+            raise FmrisynthError(f"the {self.denoiser.config.model.backbone} backbone makes only its training "
+                                 f"length ({trained} frames); use the ours backbone for runs", self.denoiser.checkpoint)  # fmt: skip
+
+    def run(self, events: list[Event], tr: float, frames: int, seed: int, steps: int, sampler: str) -> np.ndarray:
+        """One whole run (T, V) of a new subject: null-condition background in one pass + the design's response."""
+        self.check_runs(frames)
+        return self.clips(np.array([self.null_label]), np.zeros((1, frames), np.float32), [events], np.array([tr]),
+                          seed, steps, sampler, 1.0)[0]  # fmt: skip
 
     def clips(self, labels: np.ndarray, designs: np.ndarray, events: list[list[Event]], tr: np.ndarray, seed: int,
               steps: int, sampler: str, guidance: float) -> np.ndarray:  # fmt: skip
@@ -140,22 +186,21 @@ def load_generator(checkpoint: str | Path, device: str | torch.device | None = N
     return Generator(den, vqgan, response, noise if stage2.codec_noise else None, store.mask, store.affine)
 
 
-def _write_clip(folder: Path, name: str, volume: np.ndarray, affine: np.ndarray, sidecar: dict) -> None:
-    """One sample as NIfTI (D, H, W, T) + JSON sidecar + BIDS events.tsv, from volume (T, D, H, W)."""
-    import nibabel as nib
 
-    img = nib.Nifti1Image(np.ascontiguousarray(volume.transpose(1, 2, 3, 0), dtype=np.float32), affine)
-    img.header.set_zooms((*np.sqrt((affine[:3, :3] ** 2).sum(0)), sidecar["tr"]))
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, folder / f"{name}_bold.nii.gz")
-    (folder / f"{name}_bold.json").write_text(json.dumps(sidecar, indent=1))
-    events = f"onset\tduration\ttrial_type\n{sidecar['onset_s']:.3f}\t{sidecar['duration_s']:.3f}\t{sidecar['condition']}\n"
-    (folder / f"{name}_events.tsv").write_text(events)
+
+def subject_seed(seed: int, k: int) -> int:
+    """The seed of generated subject (or clip) ``k``: independent of how many are made alongside it."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
+
+
+def _settings(den: Denoiser, guidance: float | None, steps: int | None, sampler: str | None) -> tuple[float, int, str]:
+    dcfg = den.config.diffusion
+    return (dcfg.guidance if guidance is None else guidance), steps or dcfg.sample_steps, sampler or dcfg.sampler
 
 
 def sample(
     checkpoint: str | Path,
-    condition: str,
+    condition: str | None,
     n: int,
     out: str | Path,
     guidance: float | None = None,
@@ -166,26 +211,21 @@ def sample(
     duration_s: float | None = None,
     batch_size: int = 8,
 ) -> list[Path]:
-    """Generate ``n`` clips of ``condition`` and write them into ``out``; return the NIfTI paths.
+    """Generate ``n`` clips of ``condition`` into the BIDS dataset ``out``; return the bold paths.
 
-    The block's timing is ``onset_s``/``duration_s`` when given (a virtual experiment), otherwise a
-    training block of the condition drawn with ``seed``. ``guidance``, ``steps`` and ``sampler``
-    default to the run's diffusion config. The same seed gives the same clips; all files appear only
-    once every clip is written.
+    The block's timing is ``onset_s``/``duration_s`` when given, otherwise a training block of the
+    condition drawn with ``seed``. ``guidance``, ``steps`` and ``sampler`` default to the run's
+    diffusion config. The same seed gives the same clips; the files appear only once all are written.
     """
+    if condition is None:
+        raise FmrisynthError("give --condition (clips of one condition) or --events (whole runs of a design)")
     gen = load_generator(checkpoint)
     den = gen.denoiser
-    dcfg = den.config.diffusion
-    guidance = dcfg.guidance if guidance is None else guidance
-    steps, sampler = steps or dcfg.sample_steps, sampler or dcfg.sampler
+    guidance, steps, sampler = _settings(den, guidance, steps, sampler)
     conditions = gen.conditions
-    if condition not in conditions:
-        raise FmrisynthError(f"unknown condition {condition!r}; this model knows {', '.join(conditions)}")
+    blocks = gen.blocks(condition)  # (rows, onset/dur/tr)
     if n < 1:
         raise FmrisynthError(f"--n must be at least 1, got {n}")
-    blocks = np.asarray(den.info["blocks"].get(condition, []), dtype=float).reshape(-1, 3)  # (rows, onset/dur/tr)
-    if len(blocks) == 0:
-        raise FmrisynthError(f"condition {condition!r} has no training clips to take its timing from")
     rng = np.random.default_rng(seed)
     timing = blocks[rng.integers(len(blocks), size=n)]  # (n, 3)
     if onset_s is not None:
@@ -198,28 +238,63 @@ def sample(
     designs = design_boxcar(*torch.tensor(timing.T, dtype=torch.float32), frames).numpy()  # (n, T)
     labels = np.full(n, conditions.index(condition))
     events = [[Event(condition, float(o), float(d))] for o, d, _ in timing]
-    full = np.zeros((frames, *gen.mask.shape), np.float32)  # (T, D, H, W)
-    out = Path(out)
-    tmp = out / f".tmp-sample-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    stem = f"{condition.replace(':', '-')}_seed{seed}"
+    task, subjects = bids.condition_task(condition), bids.subject_labels(n)
     written = []
-    try:
+    with bids.DatasetWriter(out, [(s, task) for s in subjects], gen.affine, gen.mask, den.checkpoint) as writer:
         for start in range(0, n, batch_size):
             part = slice(start, start + batch_size)
             clips = gen.clips(labels[part], designs[part], events[part], timing[part, 2], seed + start, steps,
                               sampler, guidance)  # fmt: skip  # (b, T, V)
             for i, clip in enumerate(clips, start):
-                onset, duration, tr = timing[i]
-                full[:, gen.mask] = clip
-                sidecar = {"condition": condition, "onset_s": float(onset), "duration_s": float(duration),
-                           "tr": float(tr), "seed": seed, "index": i, "guidance": guidance, "sampler": sampler,
-                           "steps": steps, "checkpoint": str(den.checkpoint.resolve())}  # fmt: skip
-                _write_clip(tmp, f"{stem}_{i:03d}", full, gen.affine, sidecar)
-        for f in sorted(tmp.iterdir()):
-            f.replace(out / f.name)
-            written += [out / f.name] if f.name.endswith("_bold.nii.gz") else []
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                onset, duration, tr = map(float, timing[i])
+                sidecar = {"mode": "clip", "condition": condition, "onset_s": onset, "duration_s": duration, "tr": tr,
+                           "seed": seed, "index": i, "guidance": guidance, "sampler": sampler, "steps": steps}  # fmt: skip
+                written.append(writer.add(subjects[i], task, clip, tr, [DesignEvent(condition, onset, duration)], sidecar))
+    return written
+
+
+def sample_runs(
+    checkpoint: str | Path,
+    events_file: str | Path,
+    tr: float | None,
+    frames: int | None,
+    out: str | Path,
+    subjects: int = 1,
+    task: str | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    sampler: str | None = None,
+    progress: bool = False,
+    clip_flags: list[str] = (),
+) -> list[Path]:
+    """Whole runs of the design ``events_file``, one per generated subject, into the BIDS dataset ``out``.
+
+    Subject k is made from ``subject_seed(seed, k)`` alone: its response maps, background and codec
+    noise are its own, and the same whatever ``subjects`` is. ``task`` defaults to the events
+    file's name; ``clip_flags`` are clip-mode options the user also gave (refused). Returns the bold paths.
+    """
+    from tqdm import tqdm
+
+    if clip_flags:
+        raise FmrisynthError(f"--events makes whole runs; --{clip_flags[0]} belongs to clip mode (--condition)")
+    if tr is None or frames is None:
+        raise FmrisynthError("--events needs --tr (s) and --frames")
+    if not (math.isfinite(tr) and tr > 0) or frames < 1 or subjects < 1:
+        raise FmrisynthError(f"--tr must be > 0 s and --frames, --subjects >= 1 (got {tr}, {frames}, {subjects})")
+    task = bids.task_label(task or default_task(events_file, "synth"))
+    gen = load_generator(checkpoint)
+    gen.check_runs(frames)
+    design = read_design(events_file, gen.conditions, tr, frames, task)
+    _, steps, sampler = _settings(gen.denoiser, None, steps, sampler)
+    events = [Event(*e) for e in design]
+    names = bids.subject_labels(subjects)
+    settings = {"steps": steps, "sampler": sampler, "guidance": 1.0, "frames": frames, "background": "null condition",
+                "response": "hrf", "codec_noise": gen.noise is not None, "events_file": str(Path(events_file).resolve())}  # fmt: skip
+    written = []
+    with bids.DatasetWriter(out, [(s, task) for s in names], gen.affine, gen.mask, gen.denoiser.checkpoint) as writer:
+        for k, name in enumerate(tqdm(names, desc="sample", unit="run", disable=not progress)):
+            run = gen.run(events, tr, frames, subject_seed(seed, k), steps, sampler)  # (T, V)
+            sidecar = {"mode": "events", "seed": seed, "subject_index": k, "subject_seed": subject_seed(seed, k),
+                       "generator": settings}  # fmt: skip
+            written.append(writer.add(name, task, run, tr, design, sidecar))
     return written

@@ -1,0 +1,106 @@
+"""The simulator on any design: ``fmrisynth simulate --events design.tsv --tr --frames``.
+
+The yardstick of a virtual experiment: the same design through the simulator's real-like subjects
+(data/simulator.py: real HCP betas painted on cortex, real rest-subject backgrounds, drift,
+thermal noise, phase-encoding distortion) and analysed exactly as the generated runs. Written as
+a raw BIDS dataset, which nilearn's ``first_level_from_bids`` and ``fmrisynth prepare --source
+bids`` read::
+
+    dataset_description.json, simulation.json, config.yaml
+    sub-simNNN/func/sub-simNNN_task-NAME_run-K_bold.nii.gz   int16, TR in zooms[3]; K per phase encoding
+    sub-simNNN/func/sub-simNNN_task-NAME_run-K_bold.json     RepetitionTime, TaskName, StartTime 0 (frame k
+                                                             is the brain at k * TR), PhaseEncodingDirection
+    sub-simNNN/func/sub-simNNN_task-NAME_run-K_events.tsv    the design (data/design.py)
+    sub-simNNN/truth/<condition>.nii.gz, brain_mask.nii.gz, design_run-K.tsv   ground truth
+
+Subject i is the simulator's subject i (the same person as ``sim00i`` of an HCP-layout dataset
+with the same seed); ``first_subject`` picks people the model never saw. The background's AR
+dynamics are those of real HCP rest at 0.72 s, sampled frame by frame: at another TR they are
+as fast in frames, not in seconds. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from fmrisynth import __version__
+from fmrisynth.config import Config, save_config
+from fmrisynth.data.design import default_task, design_tsv, read_design
+from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject
+from fmrisynth.errors import FmrisynthError
+from fmrisynth.tasks import HCP24
+
+
+def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float | None, frames: int | None,
+                    task: str | None = None, no_tasks: bool = True, first_subject: int = 0, progress: bool = True) -> dict:  # fmt: skip
+    """Write ``cfg.sim.subjects`` subjects, one run per phase encoding in ``cfg.sim.runs``, of the design.
+
+    ``task`` defaults to the events file's name; ``no_tasks`` is False when the user also named HCP
+    paradigms (``--tasks``), which a design replaces. Returns a summary: subjects, runs, grid,
+    output path and seconds taken.
+    """
+    from tqdm import tqdm
+
+    if None in (events_file, tr, frames) or not no_tasks:
+        raise FmrisynthError("--events takes --tr and --frames (and no --tasks); --tr, --frames, --task need --events")
+    out, task = Path(out), task or default_task(events_file, "sim")
+    if not task.isascii() or not task.isalnum():
+        raise FmrisynthError(f"--task {task!r} must be letters and digits only (a BIDS label)")
+    if not (np.isfinite(tr) and tr > 0) or frames < 1 or first_subject < 0:
+        raise FmrisynthError(f"--tr must be > 0 s and --frames >= 1 (got {tr}, {frames})")
+    _, sim = _check(cfg.sim, out)
+    design = read_design(events_file, HCP24, tr, frames, task)
+    events: dict[str, list[tuple[float, float, float]]] = {}
+    for e in design:
+        events.setdefault(e.condition, []).append((e.onset_s, e.duration_s, e.modulation))
+    started = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    subjects = [f"sim{first_subject + k + 1:03d}" for k in range(cfg.sim.subjects)]
+    try:
+        regs = _regressors(events, frames, tr)  # condition -> (T, 3)
+        records = {}
+        for k, name in enumerate(tqdm(subjects, desc="simulate", unit="subject", disable=not progress)):
+            i = first_subject + k
+            subject = _Subject(sim, cfg.sim, cfg.seed, i)
+            records[name] = subject.record
+            func, truth = tmp / f"sub-{name}" / "func", tmp / f"sub-{name}" / "truth"
+            maps = subject.truth_maps_of(list(events))  # (N, conditions)
+            for c, condition in enumerate(events):
+                _save(sim, maps[:, c : c + 1], truth / f"{condition.replace(':', '_')}.nii.gz")
+            _save(sim, subject.warped_mask()[:, None], truth / "brain_mask.nii.gz")
+            for r, pe in enumerate(cfg.sim.runs, start=1):
+                rng = np.random.default_rng([cfg.seed, 3, i, _pe_index(pe)])
+                volume, canonical = subject.make(regs, list(events), pe, rng, frames, tr)  # (N, T) int16
+                stem = func / f"sub-{name}_task-{task}_run-{r}"
+                _save(sim, volume, stem.with_name(stem.name + "_bold.nii.gz"), tr)
+                sidecar = {"RepetitionTime": tr, "TaskName": task, "StartTime": 0.0, "PhaseEncodingDirection": pe}
+                stem.with_name(stem.name + "_bold.json").write_text(json.dumps(sidecar, indent=1))
+                stem.with_name(stem.name + "_events.tsv").write_text(design_tsv(design))
+                canonical.to_csv(truth / f"design_run-{r}.tsv", sep="\t", index=False, float_format="%.6g")
+        description = {"Name": f"fmrisynth simulation of {Path(events_file).name}", "BIDSVersion": "1.9.0",
+                       "DatasetType": "raw", "GeneratedBy": [{"Name": "fmrisynth simulate", "Version": __version__}]}  # fmt: skip
+        (tmp / "dataset_description.json").write_text(json.dumps(description, indent=1))
+        meta = {"generator": "fmrisynth simulate --events", "seed": cfg.seed, "grid": cfg.sim.grid,
+                "shape": list(sim.shape), "affine": sim.write_affine.tolist(), "tr": tr, "frames": frames,
+                "task": task, "runs": list(cfg.sim.runs), "conditions": list(events), "first_subject": first_subject,
+                "truth_units": "percent signal change per unit of nilearn's Glover regressor",
+                "subjects": None}  # fmt: skip
+        meta["subjects"] = records
+        (tmp / "simulation.json").write_text(json.dumps(meta, indent=1))
+        save_config(cfg, tmp / "config.yaml")
+        if out.exists():  # an empty directory (checked by _check) is replaced
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "subjects": subjects, "runs": len(subjects) * len(cfg.sim.runs), "grid": cfg.sim.grid,
+            "shape": list(sim.shape), "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
+
