@@ -155,7 +155,8 @@ def test_cli_evaluate_then_report_is_one_self_contained_page(tmp_path, store, rn
 
     samples = _good_samples(tmp_path / "samples", rng)
     assert main(["evaluate", "--real", str(store.path), "--generated", str(samples), "--out", str(tmp_path / "e")]) == 0
-    assert "map_corr_mean" in capsys.readouterr().out
+    printed = capsys.readouterr().out  # the v2 table: one row per set, realism, the furthest shortfall
+    assert "reference" in printed and "C2ST accuracy" in printed and "furthest short of its reference" in printed
     rows = [{"preset": p, "params": n, "map_corr_mean": r, "rsa": r, "top1_map": 1.0} for p, n, r in
             [("s", 1e5, 0.5), ("m", 1e6, 0.6), ("l", 1e7, 0.7)]]
     fits = {"map_corr_mean": {"loglinear": {"a": -0.0, "b": 0.1}, "powerlaw": {"A": 2.5, "alpha": 0.14}}}

@@ -147,6 +147,7 @@ class EvalConfig:
     roi_fraction: float = 0.05
     split: str = "test"  # the real store's held-out split, when --real names none
     reference_split: str = "train"  # real clips of other people, from the real store, when --reference names none
+    codec: bool = True  # VQ-GAN reconstructions of the reference when samples name their run (~1.5 s/clip on 2 CPU cores)
     parcels: int = 100  # k-means parcels for functional connectivity where no atlas covers the grid
     c2st_components: int = 50  # PCA features of whole clips for the classifier two-sample test
     c2st_folds: int = 5

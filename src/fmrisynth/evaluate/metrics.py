@@ -10,8 +10,13 @@ import numpy as np
 
 
 def _standardise(x: np.ndarray) -> np.ndarray:
-    """Rows centred and scaled to unit norm, so that a @ b.T is the Pearson r; (n, F) float64."""
-    x = np.asarray(x, dtype=np.float64)
+    """Rows centred and scaled to unit norm, so that a @ b.T is the Pearson r; (n, F).
+
+    float32 rows (clips: tens of thousands of values each) stay float32, which halves the memory
+    and the time of nearest-neighbour searches at a precision of 1e-6; everything else is float64.
+    """
+    x = np.asarray(x)
+    x = x.astype(np.float32 if x.dtype == np.float32 else np.float64)
     x = x - x.mean(axis=1, keepdims=True)
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return np.divide(x, norm, out=np.full_like(x, np.nan), where=norm > 0)

@@ -3,7 +3,7 @@
 Every statistic is computed the same way for each clip set and compared with the real test set:
 
 * voxel variance and temporal autocorrelation (lags 1-5) of the residuals after removing each
-  clip's voxel means, on the run's randomly sampled voxels (a few thousand voxels estimate a pooled
+  clip's voxel means, on the evaluation's randomly sampled voxels (a few thousand voxels estimate a pooled
   ratio to the third decimal, and the full brain would cost a pass per lag);
 * the within-clip variance of the global signal (the in-mask mean of each frame);
 * spatial smoothness: FWHM in mm per axis from the variance of neighbour differences (the classic
@@ -33,13 +33,15 @@ class Probe:
     """Where realism is measured, the same for every clip set of one evaluation.
 
     Attributes:
-        pairs: per axis, (2, P) in-mask voxel indices of neighbours along that axis.
+        pair_voxels: (U,) the in-mask voxels that belong to a neighbour pair (sorted).
+        pairs: per axis, (2, P) positions in ``pair_voxels`` of neighbours along that axis.
         voxel_mm: (3,) voxel size along each axis.
-        parcel_voxels: (U,) in-mask voxels that enter the parcel means (at most PARCEL_VOXELS per parcel).
-        parcels: scipy.sparse (U, K) averaging matrix: column k holds 1/size at the voxels of parcel k.
+        parcel_voxels: (W,) in-mask voxels that enter the parcel means (at most PARCEL_VOXELS per parcel).
+        parcels: scipy.sparse (W, K) averaging matrix: column k holds 1/size at the voxels of parcel k.
         parcellation: what the parcels are ("glasser-360" or "kmeans-100").
     """
 
+    pair_voxels: np.ndarray
     pairs: list[np.ndarray]
     voxel_mm: np.ndarray
     parcel_voxels: np.ndarray
@@ -70,7 +72,7 @@ def _kmeans(mask: np.ndarray, n_parcels: int, seed: int) -> np.ndarray:
 
     coords = np.argwhere(mask).astype(np.float32)  # (V, 3)
     k = max(1, min(n_parcels, len(coords)))
-    fit = coords[np.random.default_rng(seed).permutation(len(coords))[:20000]]  # fitting on all voxels buys nothing
+    fit = coords[np.random.default_rng(seed).permutation(len(coords))[:10000]]  # fitting on all voxels buys nothing
     return KMeans(k, n_init=1, random_state=seed).fit(fit).predict(coords) + 1
 
 
@@ -87,6 +89,8 @@ def make_probe(mask: np.ndarray, affine: np.ndarray, mni: bool, n_parcels: int, 
         both = (a >= 0) & (b >= 0)
         p = np.stack([a[both], b[both]])  # (2, P)
         pairs.append(p[:, np.sort(rng.permutation(p.shape[1])[:MAX_PAIRS])])
+    pair_voxels = np.unique(np.concatenate(pairs, axis=1))
+    pairs = [np.searchsorted(pair_voxels, p) for p in pairs]
     labels = _glasser(mask, affine) if mni else _kmeans(mask, n_parcels, seed)
     name = "glasser-360" if mni else f"kmeans-{n_parcels}"
     order = rng.permutation(len(labels))  # a random subset of each parcel: the first PARCEL_VOXELS in this order
@@ -98,7 +102,7 @@ def make_probe(mask: np.ndarray, affine: np.ndarray, mni: bool, n_parcels: int, 
     sizes = np.bincount(column)
     parcels = sp.csr_matrix((1.0 / sizes[column], (np.arange(len(voxels)), column)), shape=(len(voxels), len(sizes)),
                             dtype=np.float32)
-    return Probe(pairs, np.sqrt((affine[:3, :3] ** 2).sum(0)), voxels, parcels, name)
+    return Probe(pair_voxels, pairs, np.sqrt((affine[:3, :3] ** 2).sum(0)), voxels, parcels, name)
 
 
 class Realism:
@@ -118,18 +122,19 @@ class Realism:
         b, n_frames = y.shape[:2]
         self.n += b
         self.global_var += float(y.mean(axis=2).var(axis=1, dtype=np.float64).sum())
-        sq = lambda x: float(np.einsum("btp,btp->", x, x))  # noqa: E731  (float32 dot, blocked: accurate)
+        r = np.take(y, self.probe.pair_voxels, axis=2)  # (b, T, U): one gather, then residuals
+        r -= r.mean(1, keepdims=True)
+        r_sq = np.einsum("btu,btu->u", r, r)  # (U,) float32 sums, blocked: accurate
         for axis, (i, j) in enumerate(self.probe.pairs):
-            yi, yj = y[:, :, i], y[:, :, j]  # (b, T, P)
-            ri, rj = yi - yi.mean(1, keepdims=True), yj - yj.mean(1, keepdims=True)
-            self.diff_sq[axis] += sq(rj - ri)
-            self.pair_sq[axis] += 0.5 * (sq(ri) + sq(rj))
-        sub = y[:, :, self.probe.parcel_voxels].reshape(b * n_frames, -1)  # (b * T, U)
+            d = np.take(r, j, axis=2) - np.take(r, i, axis=2)  # (b, T, P)
+            self.diff_sq[axis] += float(np.einsum("btp,btp->", d, d))
+            self.pair_sq[axis] += 0.5 * float(r_sq[i].sum() + r_sq[j].sum())
+        sub = np.take(y, self.probe.parcel_voxels, axis=2).reshape(b * n_frames, -1)  # (b * T, W)
         tc = np.asarray(sub @ self.probe.parcels).reshape(b, n_frames, -1)  # (b, T, K) parcel means
         z = tc - tc.mean(1, keepdims=True)
         norm = np.linalg.norm(z, axis=1, keepdims=True)
-        z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0)
-        self.fc_sum += np.einsum("btk,btl->kl", z, z, dtype=np.float64)  # per clip r, summed
+        z = np.divide(z, norm, out=np.zeros_like(z), where=norm > 0).reshape(b * n_frames, -1)  # (b * T, K)
+        self.fc_sum += z.T @ z  # sum over clips and frames: each clip's correlation matrix, summed
 
     def summary(self, features: np.ndarray) -> dict:
         """The set's statistics; ``features`` (n, T, F) are its clips at the sampled voxels."""
@@ -184,7 +189,6 @@ def c2st(a: np.ndarray, b: np.ndarray, seed: int, components: int = 50, folds: i
     flattened, projected on the pooled set's top principal components (labels unused, so no leak),
     standardised and classified by an L2 logistic regression, with stratified shuffled folds.
     """
-    from sklearn.decomposition import PCA
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -197,11 +201,23 @@ def c2st(a: np.ndarray, b: np.ndarray, seed: int, components: int = 50, folds: i
         return math.nan
     x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]]).reshape(2 * n, -1)
     y = np.repeat([0, 1], n)
-    k = min(components, *x.shape)
-    z = PCA(k, random_state=seed).fit_transform(x)  # (2n, k); randomized SVD on large sets
+    z = pca_scores(x, components)  # (2n, k)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
     return float(cross_val_score(model, z, y, cv=cv).mean())
+
+
+def pca_scores(x: np.ndarray, components: int) -> np.ndarray:
+    """Scores (n, k) of rows x (n, D) on their top principal components, through the n x n Gram matrix.
+
+    Clips are far fewer than their features (a few hundred vs 20 frames x 4096 voxels), so one
+    float32 matrix product and an n x n eigendecomposition give the exact PCA in a second, where
+    a randomized SVD of the (n, D) matrix takes tens.
+    """
+    x = x - x.mean(0)
+    w, v = np.linalg.eigh((x @ x.T).astype(np.float64))  # ascending eigenvalues
+    top = np.argsort(w)[::-1][: min(components, len(x) - 1)]
+    return v[:, top] * np.sqrt(np.maximum(w[top], 0.0))
 
 
 def compare(real: dict, other: dict) -> dict:

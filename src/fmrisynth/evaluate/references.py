@@ -39,11 +39,13 @@ def reference_set(spec: str, store: ClipStore, real: ClipSet, counts: dict[str, 
     path, split = split_spec(spec, None)
     if split is None:
         raise FmrisynthError(f"--reference {spec}: name the split, e.g. {spec}:train")
+    if not (path / "store.json").is_file():
+        raise FmrisynthError("no clip store for the reference here (--reference STORE:split)", path)
     pool = open_generated(spec, store, real.n_frames)
     test = real.table
     subjects = set(test["subject"]) - {""}
     candidates = pool.table
-    keep, split_by = ~candidates["subject"].isin(subjects | {""}).to_numpy(), "subject"
+    keep, split_by = ~candidates["subject"].isin(subjects | {""}).to_numpy(), "subject"  # unknown: could be one
     if not keep.any() and len(subjects) == 1 and set(candidates["subject"]) == subjects:
         runs = set(zip(test["subject"], test["run"]))
         keep, split_by = ~np.array([u in runs for u in zip(candidates["subject"], candidates["run"])]), "run"
@@ -65,8 +67,6 @@ def codec_set(generated: ClipSet, reference: ClipSet, store: ClipStore) -> tuple
     The generated clips' sidecars name their stage-2 checkpoint ``<run>/checkpoints/step_N``; the
     run's ``stage2.json`` names the VQ-GAN. Returns (None, why) when the run cannot be found.
     """
-    from fmrisynth.generate.codec import load_vqgan
-
     if not generated.checkpoints:
         return None, "the generated clips name no run (no checkpoint in their sidecars)"
     run_info = Path(generated.checkpoints[0]).parent.parent / "stage2.json"
@@ -74,7 +74,11 @@ def codec_set(generated: ClipSet, reference: ClipSet, store: ClipStore) -> tuple
         vqgan_checkpoint = Path(json.loads(run_info.read_text())["vqgan_checkpoint"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"cannot read the VQ-GAN of the generating run from {run_info} ({e})"
-    model = load_vqgan(vqgan_checkpoint, store.mask)
+    import torch  # only when there is a codec to run
+
+    from fmrisynth.generate.codec import load_vqgan
+
+    model = load_vqgan(vqgan_checkpoint, store.mask).to("cuda" if torch.cuda.is_available() else "cpu")
     name = f"VQ-GAN {vqgan_checkpoint} reconstructions of {reference.name}"
     clips = ClipSet(name, reference.table, lambda i: _reconstruct(model, store, reference.reader(i)),
                     reference.n_frames, [f"{s} (reconstructed)" for s in reference.sources])
@@ -88,9 +92,10 @@ def _reconstruct(model, store: ClipStore, y: np.ndarray) -> np.ndarray:
     from fmrisynth.generate.codec import decode
 
     with torch.no_grad():
-        x = torch.from_numpy(store.unmask(np.asarray(y, np.float32)))[:, None]  # (T, 1, D, H, W)
+        device = next(model.parameters()).device
+        x = torch.from_numpy(store.unmask(np.asarray(y, np.float32)))[:, None].to(device)  # (T, 1, D, H, W)
         z = torch.cat([model.latent(chunk) for chunk in x.split(CHUNK)])  # (T, c, d, h, w)
-        volumes = decode(model, z[None], CHUNK)[0].numpy()  # (T, D, H, W)
+        volumes = decode(model, z[None], CHUNK)[0].cpu().numpy()  # (T, D, H, W)
     return volumes[:, store.mask]
 
 

@@ -127,6 +127,30 @@ def map_name(kind: str, condition: str) -> str:
     return f"maps/{kind}_{re.sub(r'[^A-Za-z0-9.-]+', '-', condition)}_t.nii.gz"
 
 
+def _yardsticks(store, real_set, gen_set, conditions: list[str], ref_spec: str, default: bool, cfg: Config) -> tuple:
+    """The reference clips, their codec reconstructions and the truth maps, each with where it came
+    from, and notes on those that cannot be had (a missing default reference is a note, not an error)."""
+    notes = []
+    counts = {c: int((gen_set.table["condition"] == c).sum()) for c in conditions}
+    try:
+        ref_set, ref_info = reference_set(ref_spec, store, real_set, counts, cfg.seed)
+    except FmrisynthError as e:
+        if not default:
+            raise
+        ref_set, ref_info = None, {}
+        notes.append(f"no reference: {e}")
+    if ref_set is None or not cfg.eval.codec:
+        codec, codec_source = None, "no reference clips" if ref_set is None else "eval.codec is off"
+    else:
+        codec, codec_source = codec_set(gen_set, ref_set, store)
+    if codec is None:
+        notes.append(f"no codec reference: {codec_source}")
+    truth, truth_source = truth_maps(store, conditions)
+    if truth is None:
+        notes.append(f"no truth: {truth_source}")
+    return ref_set, ref_info, codec, codec_source, truth, truth_source, notes
+
+
 def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, reference: str | None = None) -> dict:
     """Evaluate generated clips against real ones, beside the references; write ``out``.
 
@@ -155,22 +179,8 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
         if not (real_set.table["condition"] == c).any():
             raise FmrisynthError(f"condition {c!r} has generated clips but no real clips in {real_set.name}", store.path)
 
-    notes = []
-    counts = {c: int((gen_set.table["condition"] == c).sum()) for c in conditions}
-    ref_spec = reference or f"{store.path}:{ecfg.reference_split}"
-    try:
-        ref_set, ref_info = reference_set(ref_spec, store, real_set, counts, seed)
-    except FmrisynthError as e:
-        if reference is not None:
-            raise
-        ref_set, ref_info = None, {}
-        notes.append(f"no reference: {e}")
-    codec, codec_source = codec_set(gen_set, ref_set, store) if ref_set is not None else (None, "no reference clips")
-    if codec is None:
-        notes.append(f"no codec reference: {codec_source}")
-    truth, truth_source = truth_maps(store, conditions)
-    if truth is None:
-        notes.append(f"no truth: {truth_source}")
+    ref_set, ref_info, codec, codec_source, truth, truth_source, notes = _yardsticks(
+        store, real_set, gen_set, conditions, reference or f"{store.path}:{ecfg.reference_split}", reference is None, cfg)
 
     n_vox = int(store.mask.sum())
     voxels = np.sort(np.random.default_rng(seed).choice(n_vox, min(n_vox, ecfg.feature_voxels), replace=False))
@@ -193,7 +203,7 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     pca, pca_arrays = _pca(real_pass, gen_pass, real_set.table, gen_set.table, ecfg, seed)
     confusion = np.zeros((len(conditions),) * 2, int)
     np.add.at(confusion, (gen_pass.labels, gen_pass.assigned), 1)
-    ref_is_train = ref_set is not None and split_spec(ref_spec, None) == (store.path, "train")
+    ref_is_train = ref_set is not None and split_spec(ref_info["source"], None) == (store.path, "train")
     train = ref_pass.features if ref_is_train else _train_features(store, conditions, voxels, len(real_pass.rows), seed)
     result = {
         **{k: generated_row[k] for k in ("map_corr_mean", "map_corr", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")},
