@@ -109,7 +109,7 @@ def test_sample_writes_a_bids_dataset_one_run_per_clip_for_evaluation(run, capsy
     assert sidecar["onset_s"] == 0.5 and sidecar["duration_s"] == 1.0 and sidecar["guidance"] == 1.5
     assert sidecar["steps"] == 4 and sidecar["sampler"] == "ddim" and sidecar["RepetitionTime"] == TR
     events = Path(f"{stem}_events.tsv").read_text().splitlines()
-    assert events == ["onset\tduration\ttrial_type\tmodulation", "0.500\t1.000\tWM:2bk_faces\t1"]
+    assert events == ["onset\tduration\ttrial_type", "0.500\t1.000\tWM:2bk_faces"]
     assert main(args) == 1 and "already holds" in capsys.readouterr().err  # never overwritten
 
 

@@ -90,7 +90,7 @@ def test_runs_are_a_bids_derivative_dataset(runs, model):
     assert sidecar["RepetitionTime"] == TR and sidecar["TaskName"] == "motor" and sidecar["seed"] == 7
     assert sidecar["generator"]["steps"] == 3 and sidecar["generator"]["frames"] == FRAMES
     events = pd.read_csv(_bold(runs, "synth02").with_name("sub-synth02_task-motor_run-1_events.tsv"), sep="\t")
-    assert list(events.columns) == ["onset", "duration", "trial_type", "modulation"]
+    assert list(events.columns) == ["onset", "duration", "trial_type"]  # modulation only when one is not 1
     assert list(events["trial_type"]) == ["MOTOR:rh", "WM:2bk_faces", "MOTOR:rh", "WM:2bk_faces"]
 
 
@@ -123,7 +123,7 @@ def test_a_subject_is_its_seed_alone_and_modulation_scales_its_response(runs, mo
     one = sample_runs(model["run"], model["root"] / "design.tsv", TR, FRAMES, tmp_path / "a", task="motor", seed=7)
     assert np.array_equal(nib.load(one[0]).get_fdata(), nib.load(_bold(runs, "synth01")).get_fdata())
     data = []
-    for m in (1.0, 2.0, 3.0):
+    for m in (1.0, 2.0, 3.0):  # (an events.tsv with modulation 1 everywhere is written without the column)
         (tmp_path / f"d{m}.tsv").write_text("onset\tduration\ttrial_type\tmodulation\n3\t8\tMOTOR:rh\t" + f"{m}\n")
         data.append(nib.load(sample_runs(model["run"], tmp_path / f"d{m}.tsv", TR, 30, tmp_path / f"m{m}")[0]).get_fdata())
     assert np.allclose(data[2] - data[0], 2 * (data[1] - data[0]), atol=1e-4) and np.abs(data[1] - data[0]).max() > 1

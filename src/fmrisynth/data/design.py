@@ -79,9 +79,12 @@ def _condition(trial_type: str, known: Sequence[str], task: str | None, path: Pa
 
 
 def design_tsv(events: Sequence[DesignEvent]) -> str:
-    """The BIDS events.tsv text of ``events`` (onset, duration, trial_type, modulation)."""
-    rows = [f"{e.onset_s:.3f}\t{e.duration_s:.3f}\t{e.condition}\t{e.modulation:g}\n" for e in events]
-    return "onset\tduration\ttrial_type\tmodulation\n" + "".join(rows)
+    """The BIDS events.tsv text of ``events``: onset, duration, trial_type (and modulation when any is not 1,
+    which nilearn then reads as each event's amplitude)."""
+    modulated = any(e.modulation != 1 for e in events)
+    rows = [f"{e.onset_s:.3f}\t{e.duration_s:.3f}\t{e.condition}" + (f"\t{e.modulation:g}" if modulated else "") + "\n"
+            for e in events]  # fmt: skip
+    return "onset\tduration\ttrial_type" + ("\tmodulation" if modulated else "") + "\n" + "".join(rows)
 
 
 def default_task(events_file: str | Path, fallback: str) -> str:
