@@ -1,6 +1,7 @@
 """The yardsticks of evaluation v2: reference (never a test subject), codec reconstructions, truth."""
 
 import json
+from dataclasses import replace
 
 import nibabel as nib
 import numpy as np
@@ -8,7 +9,7 @@ import pytest
 import torch
 from test_eval_run import AFFINE, CONDITIONS, GRID, MASK, T, TR, _clip, _good_samples, _patterns
 
-from fmrisynth.config import Config
+from fmrisynth.config import Config, EvalConfig
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.run import evaluate
@@ -64,6 +65,8 @@ def test_no_test_subject_ever_enters_the_reference(tmp_path, rng, monkeypatch):
         evaluate(f"{store.path}:test", samples, tmp_path / "e3", Config(), reference=f"{store.path}:test")
     with pytest.raises(FmrisynthError, match="name the split"):
         evaluate(f"{store.path}:test", samples, tmp_path / "e3", Config(), reference=str(other.path))
+    with pytest.raises(FmrisynthError, match="no clip store for the reference"):
+        evaluate(f"{store.path}:test", samples, tmp_path / "e3", Config(), reference=f"{tmp_path / 'none'}:train")
     assert not (tmp_path / "e3").exists()
 
 
@@ -75,7 +78,6 @@ def test_one_subject_takes_other_runs_and_no_train_split_means_no_reference(tmp_
                       duration_s=8.0, tr=TR, split="train" if run == 1 else "test")
     m = evaluate(f"{tmp_path / 'one'}:test", _good_samples(tmp_path / "s", rng, n=2), tmp_path / "e", Config())
     assert m["reference"]["split_by"] == "run" and m["reference"]["n"] == 3
-    m = evaluate(f"{tmp_path / 'one'}:test", tmp_path / "s", tmp_path / "e", Config(), reference=None)
     no_train = build_store(tmp_path / "no_train", rng, TEST_SUBJECTS)
     m = evaluate(f"{no_train.path}:test", tmp_path / "s", tmp_path / "e", Config())
     assert m["reference"] is None and any("no reference" in n for n in m["notes"])
@@ -116,6 +118,8 @@ def test_codec_reconstructs_the_reference_through_the_generating_runs_vqgan(tmp_
     # halving every voxel leaves t maps and correlations alone and quarters the variance
     assert m["codec"]["map_corr_mean"] == pytest.approx(m["reference"]["map_corr_mean"], abs=1e-4)
     assert m["codec"]["variance_ratio"] == pytest.approx(m["realism"]["variance_ratio_reference"] / 4, rel=1e-3)
+    off = evaluate(f"{store.path}:test", samples, tmp_path / "eval", replace(Config(), eval=EvalConfig(codec=False)))
+    assert off["codec"] is None and "no codec reference: eval.codec is off" in off["notes"] and len(loaded) == 1
     (run / "stage2.json").unlink()
     m = evaluate(f"{store.path}:test", samples, tmp_path / "eval", Config())
     assert m["codec"] is None and any("no codec reference" in n for n in m["notes"])
