@@ -85,7 +85,7 @@ def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, l
                 checkpoint, condition, n, samples, guidance=cfg.diffusion.guidance, steps=cfg.diffusion.sample_steps,
                 sampler=cfg.diffusion.sampler, seed=cfg.seed + 1000 * k,
             )
-    log(f"[sample] {len(list(samples.glob('*_bold.nii.gz')))} clips → {samples}")
+    log(f"[sample] {len(list(samples.rglob('*_bold.nii.gz')))} clips → {samples}")
     return evaluate(f"{store}:test", samples, out / "eval", cfg)
 
 
