@@ -155,10 +155,18 @@ class Generator:
 
         All randomness flows from ``seed``: the diffusion noise (torch), subjects and codec noise (numpy).
         """
-        frames = designs.shape[1]
         torch_gen, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
         z = self.denoiser.generate(torch.as_tensor(labels), torch.as_tensor(designs, dtype=torch.float32), steps,
                                    sampler, guidance, torch_gen)  # fmt: skip  # (B, T, c, d, h, w)
+        return self.finish(z, events, tr, rng)
+
+    def finish(self, z: torch.Tensor, events: list[list[Event]], tr: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Residual latents (B, T, c, d, h, w) -> clips (B, T, V): decode, + codec noise, + the events' response.
+
+        Given the stored latents of real clips instead of generated ones, this is a perfect latent
+        generator: what the rest of the chain allows (benchmarks/stage2_oracle.py).
+        """
+        frames = z.shape[1]
         try:
             clips = codec.decode(self.vqgan, z)[:, :, torch.from_numpy(self.mask)].numpy()  # (B, T, V)
         except RuntimeError as e:
