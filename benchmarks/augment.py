@@ -13,7 +13,7 @@ random sets drawn from the store's train split) it is trained on
   * synthetic only: the synthetic clips alone (does the generator carry the task at all?);
 and scored on every clip of the held-out test-split subjects. The gain (real + synthetic minus
 real) gets a 95 % bootstrap interval over test subjects (clusters: clips of one person are not
-independent), pooled over the repeats. Note: the generator saw the whole train split (10 people),
+independent) and over the repeats (which k people were scanned). Note: the generator saw the whole train split (10 people),
 so "synthetic" brings in what it learned from more people than the lab's k, as a pretrained
 generator would. JSON: benchmarks/results/augment.json.
 """
@@ -52,16 +52,19 @@ def classifier():
 
 
 def cluster_bootstrap(correct: dict[str, np.ndarray], subjects: np.ndarray, rng: np.random.Generator, n: int = 2000):
-    """Mean accuracy per arm and the gain's 95 % CI, resampling test subjects with replacement.
+    """Mean accuracy per arm and the gain's 95 % CI, resampling test subjects and training sets.
 
     ``correct``: arm -> (repeats, clips) 0/1; ``subjects``: (clips,) the test subject of each clip.
+    Both levels vary in a real study: who is tested, and which k people the lab happened to scan.
     """
     people = np.unique(subjects)
     rows = [np.flatnonzero(subjects == s) for s in people]
+    diff = correct["real+synthetic"] - correct["real"]  # (repeats, clips)
     gains = []
     for _ in range(n):
         pick = np.concatenate([rows[k] for k in rng.integers(len(people), size=len(people))])
-        gains.append(correct["real+synthetic"][:, pick].mean() - correct["real"][:, pick].mean())
+        sets = rng.integers(len(diff), size=len(diff))
+        gains.append(diff[sets][:, pick].mean())
     lo, hi = np.percentile(gains, [2.5, 97.5])
     out = {arm: float(c.mean()) for arm, c in correct.items()}
     out.update(gain=out["real+synthetic"] - out["real"], gain_ci95=[float(lo), float(hi)])
@@ -96,7 +99,7 @@ def main() -> None:
     assert synthetic.generator.conditions == store.conditions
     t0 = time.perf_counter()
     clips = np.stack([synthetic[i][0].numpy()[:, synthetic.generator.mask] for i in range(len(synthetic))])  # (N, T, V)
-    seconds_per_clip = (time.perf_counter() - t0) / len(synthetic)
+    seconds_per_clip, load_avg = (time.perf_counter() - t0) / len(synthetic), os.getloadavg()[0]
     table = np.array([row[2:] for row in synthetic.table])  # (N, 3) onset, duration, tr
     syn_x, syn_y = betas(clips, table), np.array([row[1] for row in synthetic.table])
     print(f"{len(synthetic)} synthetic clips, {seconds_per_clip:.2f} s each")
@@ -105,7 +108,7 @@ def main() -> None:
     people = np.unique(subjects["train"])
     result = {"demo": str(args.demo.resolve()), "checkpoint": str(synthetic.generator.denoiser.checkpoint),
               "conditions": store.conditions, "synthetic_per_condition": args.per_condition,
-              "seconds_per_synthetic_clip": seconds_per_clip, "test_clips": len(rows["test"]),
+              "seconds_per_synthetic_clip": seconds_per_clip, "load_avg_1min": load_avg, "test_clips": len(rows["test"]),
               "test_subjects": len(np.unique(subjects["test"])), "classifier": "StandardScaler + LogisticRegression(C=0.01) on clip GLM betas",
               "k": {}}  # fmt: skip
     synthetic_only = classifier().fit(syn_x, syn_y).predict(features["test"]) == labels["test"]

@@ -165,7 +165,7 @@ def analyse(zs: list[dict], runs: list, design: list[DesignEvent], real: dict, r
         mine = [e for e in design if e.condition == c]
         hrf = design_regressors([e.onset_s for e in mine], [e.duration_s for e in mine], len(runs[0]), tr)[:, 0]
         course = np.mean([((r - r.mean(0)) / (r.std(0) + 1e-6))[:, roi].mean(1) for r in runs], 0)
-        out[c] = {"r_real": r_all[c], "r_response": corr(group, response[c]),
+        out[c] = {"r_real": r_all[c], "r_response": corr(group, response[c]), "response_vs_real": corr(response[c], real[c]),
                   "top1_run": max(present, key=r_all.get) == c, "top1_all": max(r_all, key=r_all.get) == c,
                   "roi_hrf_r": corr(course, hrf)}  # fmt: skip
     lags = [lag1(r) for r in runs]
@@ -213,12 +213,13 @@ def main() -> None:
             sample_runs(args.demo, tmp / f"{name}.tsv", HCP_TR, FRAMES, tmp / "gen", args.subjects, task, args.seed,
                         args.steps, progress=True)  # fmt: skip
             seconds = (time.perf_counter() - load) / args.subjects
+            load_avg = os.getloadavg()[0]  # 2 cores shared with other work: > 2 means the timing is inflated
             simulate_design(cfg, tmp / f"sim-{name}", tmp / f"{name}.tsv", HCP_TR, FRAMES, task, first_subject=20,
                             progress=False)  # fmt: skip
             present = list(dict.fromkeys(e.condition for e in design))
             gz, gruns = bids_first_level(tmp / "gen", task, mask_img, present)
             sz, sruns = bids_first_level(tmp / f"sim-{name}", task, mask_img, present)
-            entry = {"kind": kind, "events": len(design), "conditions": present, "seconds_per_run": seconds,
+            entry = {"kind": kind, "events": len(design), "conditions": present, "seconds_per_run": seconds, "load_avg_1min": load_avg,
                      "frames_per_s": FRAMES / seconds, "generated": analyse(gz, gruns, design, real, response, HCP_TR),
                      "simulated": analyse(sz, sruns, design, real, response, HCP_TR)}  # fmt: skip
             for c in present:
