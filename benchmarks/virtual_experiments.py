@@ -184,6 +184,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="smoke test: one design, one subject")
     p.add_argument("--out", type=Path, default=RESULTS / "virtual_experiments.json")
+    p.add_argument("--real-cache", type=Path, help="an .npz to keep the real group maps in between runs")
     args = p.parse_args()
     import torch
 
@@ -193,7 +194,13 @@ def main() -> None:
     conditions = gen.conditions
     response = {c: gen.response.mean[k, 0] for k, c in enumerate(gen.response.conditions)}
     t0 = time.perf_counter()
-    real, real_lag = real_group_maps(args.demo, mask_img, conditions)
+    if args.real_cache and args.real_cache.is_file():  # the real maps do not change between runs on one demo
+        with np.load(args.real_cache) as f:
+            real, real_lag = {c: f[c] for c in conditions}, json.loads(str(f["lag"]))
+    else:
+        real, real_lag = real_group_maps(args.demo, mask_img, conditions)
+        if args.real_cache:
+            np.savez(args.real_cache, lag=json.dumps(real_lag), **real)
     print(f"real group maps of {len(real)} conditions in {time.perf_counter() - t0:.0f} s", flush=True)
     designs = make_designs(args.seed, FRAMES * HCP_TR)
     if args.quick:

@@ -29,7 +29,8 @@ class DesignEvent(NamedTuple):
     modulation: float = 1.0
 
 
-def read_design(path: str | Path, known: Sequence[str], tr: float, frames: int, task: str | None = None) -> list[DesignEvent]:
+def read_design(path: str | Path, known: Sequence[str], tr: float, frames: int,
+                task: str | None = None) -> list[DesignEvent]:  # fmt: skip
     """The events of ``path`` (a BIDS events.tsv), sorted by onset; every problem is one line naming the file.
 
     Args:
@@ -43,7 +44,8 @@ def read_design(path: str | Path, known: Sequence[str], tr: float, frames: int, 
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, na_values=["n/a"], keep_default_na=False)
     except (OSError, ValueError) as e:  # also pandas' ParserError, EmptyDataError, UnicodeDecodeError
-        raise FmrisynthError(f"not a readable events.tsv ({str(e).splitlines()[0] if str(e) else type(e).__name__})", path) from None
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FmrisynthError(f"not a readable events.tsv ({reason})", path) from None
     missing = sorted({"onset", "duration", "trial_type"} - set(table.columns))
     if missing:
         raise FmrisynthError(f"events file lacks column(s) {', '.join(missing)} (a tab-separated BIDS events.tsv)", path)

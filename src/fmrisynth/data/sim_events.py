@@ -38,7 +38,8 @@ from fmrisynth.tasks import HCP24
 
 
 def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float | None, frames: int | None,
-                    task: str | None = None, no_tasks: bool = True, first_subject: int = 0, progress: bool = True) -> dict:  # fmt: skip
+                    task: str | None = None, no_tasks: bool = True, first_subject: int = 0,
+                    progress: bool = True) -> dict:  # fmt: skip
     """Write ``cfg.sim.subjects`` subjects, one run per phase encoding in ``cfg.sim.runs``, of the design.
 
     ``task`` defaults to the events file's name; ``no_tasks`` is False when the user also named HCP
@@ -85,7 +86,8 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
                 stem.with_name(stem.name + "_events.tsv").write_text(design_tsv(design))
                 canonical.to_csv(truth / f"design_run-{r}.tsv", sep="\t", index=False, float_format="%.6g")
         description = {"Name": f"fmrisynth simulation of {Path(events_file).name}", "BIDSVersion": "1.9.0",
-                       "DatasetType": "raw", "GeneratedBy": [{"Name": "fmrisynth simulate", "Version": __version__}]}  # fmt: skip
+                       "DatasetType": "raw",
+                       "GeneratedBy": [{"Name": "fmrisynth simulate", "Version": __version__}]}  # fmt: skip
         (tmp / "dataset_description.json").write_text(json.dumps(description, indent=1))
         meta = {"generator": "fmrisynth simulate --events", "seed": cfg.seed, "grid": cfg.sim.grid,
                 "shape": list(sim.shape), "affine": sim.write_affine.tolist(), "tr": tr, "frames": frames,

@@ -92,7 +92,8 @@ class DatasetWriter:
             try:
                 theirs = json.loads(description.read_text())["GeneratedBy"][0].get("Checkpoint")
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-                raise FmrisynthError("is not a dataset written by fmrisynth sample; choose a new --out", description) from None
+                raise FmrisynthError("is not a dataset written by fmrisynth sample; choose a new --out",
+                                     description) from None  # fmt: skip
             if theirs != self.checkpoint:
                 raise FmrisynthError(f"holds runs of another checkpoint ({theirs}); choose a new --out", self.out)
         self.description = {

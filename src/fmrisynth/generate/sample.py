@@ -141,7 +141,8 @@ class Generator:
         trained = self.denoiser.info["latent_shape"][0]
         if self.denoiser.config.model.backbone != "ours" and frames != trained:
             raise FmrisynthError(f"the {self.denoiser.config.model.backbone} backbone makes only its training "
-                                 f"length ({trained} frames); use the ours backbone for runs", self.denoiser.checkpoint)  # fmt: skip
+                                 f"length ({trained} frames); use the ours backbone for runs",
+                                 self.denoiser.checkpoint)  # fmt: skip
 
     def run(self, events: list[Event], tr: float, frames: int, seed: int, steps: int, sampler: str) -> np.ndarray:
         """One whole run (T, V) of a new subject: null-condition background in one pass + the design's response."""
@@ -297,7 +298,8 @@ def sample_runs(
     events = [Event(*e) for e in design]
     names = bids.subject_labels(subjects)
     settings = {"steps": steps, "sampler": sampler, "guidance": 1.0, "frames": frames, "background": "null condition",
-                "response": "hrf", "codec_noise": gen.noise is not None, "events_file": str(Path(events_file).resolve())}  # fmt: skip
+                "response": "hrf", "codec_noise": gen.noise is not None,
+                "events_file": str(Path(events_file).resolve())}  # fmt: skip
     written = []
     with bids.DatasetWriter(out, [(s, task) for s in names], gen.affine, gen.mask, gen.denoiser.checkpoint) as writer:
         for k, name in enumerate(tqdm(names, desc="sample", unit="run", disable=not progress)):
