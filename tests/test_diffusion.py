@@ -10,15 +10,6 @@ SMALL = dict(widths=(8, 16), depths=(1, 1), kinds=("conv", "attn"), head_dim=8)
 SHAPE = (2, 2, 4, 4, 4)  # (T, c, d, h, w)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: more threads only add synchronisation, which stalls badly on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_model(seed: int = 0) -> Backbone:
     torch.manual_seed(seed)
     return Backbone(channels=2, n_classes=2, **SMALL)

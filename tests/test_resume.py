@@ -62,15 +62,6 @@ class Denoise(Objective):
         return loss, {"mse": loss.item()}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: a second intra-op thread makes these tiny models up to 10x slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def cfg(**kw):
     base = dict(steps=40, batch_size=8, lr=3e-3, warmup_steps=5, ema_decay=0.9, log_every=1, ckpt_every=10, keep_ckpts=10)
     return TrainConfig(**{**base, **kw})

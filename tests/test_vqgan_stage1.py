@@ -28,15 +28,6 @@ def _blobs(rng, n, mask):
     return vol[:, mask].astype(np.float32)  # (n, V)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two shared cores: a second intra-op thread makes this tiny VQ-GAN several times slower, not faster."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
     path = tmp_path_factory.mktemp("vq") / "clips"

@@ -22,17 +22,15 @@ as fast in frames, not in seconds. Same seed, same bytes.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from fmrisynth import __version__
-from fmrisynth.config import Config, save_config
+from fmrisynth.config import Config
 from fmrisynth.data.design import default_task, design_tsv, read_design
-from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject
+from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject, staged, write_provenance
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HCP24
 
@@ -61,10 +59,8 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
     for e in design:
         events.setdefault(e.condition, []).append((e.onset_s, e.duration_s, e.modulation))
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     subjects = [f"sim{first_subject + k + 1:03d}" for k in range(cfg.sim.subjects)]
-    try:
+    with staged(out) as tmp:
         regs = _regressors(events, frames, tr)  # condition -> (T, 3)
         records = {}
         for k, name in enumerate(tqdm(subjects, desc="simulate", unit="subject", disable=not progress)):
@@ -95,14 +91,7 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
                 "truth_units": "percent signal change per unit of nilearn's Glover regressor",
                 "subjects": None}  # fmt: skip
         meta["subjects"] = records
-        (tmp / "simulation.json").write_text(json.dumps(meta, indent=1))
-        save_config(cfg, tmp / "config.yaml")
-        if out.exists():  # an empty directory (checked by _check) is replaced
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_provenance(tmp, meta, cfg)
     return {"out": str(out), "subjects": subjects, "runs": len(subjects) * len(cfg.sim.runs), "grid": cfg.sim.grid,
             "shape": list(sim.shape), "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 

@@ -32,7 +32,9 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,11 +59,9 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
     sim_cfg, out = cfg.sim, Path(out)
     paradigms, sim = _check(sim_cfg, out)
     started = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     subjects = [f"sim{i + 1:03d}" for i in range(sim_cfg.subjects)]
     n_runs = len(subjects) * len(paradigms) * len(sim_cfg.runs)
-    try:
+    with staged(out) as tmp:
         # One writer thread: zlib releases the GIL, so run k+1 is synthesised while run k is compressed.
         with ThreadPoolExecutor(max_workers=1) as writer, tqdm(
             total=n_runs, desc="simulate", unit="run", disable=not progress
@@ -103,14 +103,7 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
             "truth_units": "percent signal change per unit of nilearn's Glover block regressor",
             "subjects": records,
         }
-        (tmp / "simulation.json").write_text(json.dumps(meta, indent=1))
-        save_config(cfg, tmp / "config.yaml")
-        if out.exists():  # an empty directory (checked by _check) is replaced
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        write_provenance(tmp, meta, cfg)
     return {
         "out": str(out),
         "subjects": subjects,
@@ -120,6 +113,29 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
         "shape": list(sim.shape),
         "seconds": round(time.perf_counter() - started, 2),
     }
+
+
+@contextmanager
+def staged(out: Path) -> Iterator[Path]:
+    """A temporary sibling of ``out`` to write a dataset into; it replaces ``out`` (absent or an empty
+    directory, checked by ``_check``) when the block succeeds and is deleted when it fails, so no
+    half-written dataset is ever left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_provenance(tmp: Path, meta: dict, cfg: Config) -> None:
+    """``simulation.json`` (what was simulated, from which real subjects) and the resolved config."""
+    (tmp / "simulation.json").write_text(json.dumps(meta, indent=1))
+    save_config(cfg, tmp / "config.yaml")
 
 
 def paradigms_of(tasks: str) -> list[Paradigm]:
