@@ -89,3 +89,49 @@ def test_glasser_parcels_on_the_mni_grid():
     probe = make_probe(brain_mask(grid), grid.affine, mni=True, n_parcels=100, seed=0)
     assert probe.parcellation == "glasser-360" and probe.parcels.shape[1] > 300
     assert np.allclose(probe.parcels.sum(0), 1.0)  # each column averages its parcel's voxels
+
+
+def _gaussian_clips(rng, n, scale=None):
+    """(n, 12, 300) clips of one Gaussian: AR(1) in time, a shared spatial structure; ``scale`` (n,) per clip."""
+    loadings = np.random.default_rng(7).normal(size=(6, 300)) / 2  # the same structure for every set
+    x = _ar1(rng, 0.4, (n, 12, 6)) @ loadings + _ar1(rng, 0.2, (n, 12, 300))
+    return (x if scale is None else x * scale[:, None, None]).astype(np.float32)
+
+
+def test_two_draws_of_one_gaussian_are_chance_on_all_three_tests(rng):
+    from fmrisynth.evaluate.realism import C2ST_KINDS, two_sample_tests
+
+    tests = two_sample_tests(_gaussian_clips(rng, 150), _gaussian_clips(rng, 150), seed=0, components=20)
+    for kind in C2ST_KINDS:
+        accuracy, (lo, hi) = tests[kind]
+        assert abs(accuracy - 0.5) < 0.08 and lo <= hi and lo < 0.6, (kind, accuracy, lo, hi)
+
+
+def test_random_clip_amplitude_is_caught_by_the_statistics_test_and_missed_by_the_linear_one(rng):
+    from fmrisynth.evaluate.realism import two_sample_tests
+
+    scale = np.exp(rng.uniform(-0.7, 0.7, 150))  # each clip's amplitude times 0.5-2, geometric mean 1
+    tests = two_sample_tests(_gaussian_clips(rng, 150), _gaussian_clips(rng, 150, scale), seed=0, components=20)
+    assert tests["stats"][0] > 0.7 and tests["stats"][1][0] > 0.6, tests["stats"]
+    assert abs(tests["linear"][0] - 0.5) < 0.08, tests["linear"]
+
+
+def test_c2st_is_not_computed_below_ten_clips_per_set(rng):
+    from fmrisynth.evaluate.realism import two_sample_tests
+
+    a = _gaussian_clips(rng, 9)
+    assert np.isnan(c2st(a, _gaussian_clips(rng, 50), seed=0))
+    assert all(np.isnan(acc) and ci is None for acc, ci in two_sample_tests(a, a + 1, seed=0).values())
+
+
+def test_between_clip_ratio_and_mean_clip_distance(rng):
+    from fmrisynth.evaluate.realism import between_clip_ratio, mean_clip_distance
+
+    x = rng.normal(size=(400, 10, 50))
+    labels = np.arange(400) % 2
+    # white noise: total variance 1, within-clip 0.9 (10 frames less their mean)
+    assert between_clip_ratio(x, labels) == pytest.approx(1 / 0.9, rel=0.02)
+    shifted = x + 2 * labels[:, None, None] + rng.normal(size=(400, 1, 50))  # a per-clip offset of variance 1
+    assert between_clip_ratio(shifted, labels) == pytest.approx(2 / 0.9, rel=0.03)  # the condition shift is not counted
+    mean = x.mean(0)[None]
+    assert mean_clip_distance(mean, mean, 1.0) == 0.0 and mean_clip_distance(mean, mean + 0.5, 4.0) == pytest.approx(0.25)

@@ -9,7 +9,13 @@ Every statistic is computed the same way for each clip set and compared with the
 * spatial smoothness: FWHM in mm per axis from the variance of neighbour differences (the classic
   AFNI 3dFWHMx / FSL smoothest estimator), on a seeded subset of neighbour pairs;
 * functional connectivity: parcel-mean time courses, one correlation matrix per clip, averaged;
-* a classifier two-sample test: logistic regression on PCA features of whole clips.
+* classifier two-sample tests (C2ST, cross-validated accuracy, 0.5 = indistinguishable), three views
+  of the same clips: linear (logistic regression on PCA scores of whole clips), quadratic (the scores
+  and their squares: differences in spread, not only in mean) and statistics (per-clip summary
+  statistics: what varies from clip to clip, such as amplitude or smoothness, which pooled PCA
+  features average away); each with an interval over repeated subsampled fits;
+* between-clip variance (total over within-clip variance: how much clips differ from each other)
+  and the distance between mean clips.
 
 ``Realism`` streams over batches of clips; everything is a sum, so memory stays at one batch.
 """
@@ -24,6 +30,14 @@ import numpy as np
 from fmrisynth.evaluate import metrics as M
 
 LAGS = 5
+MIN_C2ST_CLIPS = 10  # per set: below this a 5-fold accuracy moves in steps of 0.1 or more and can sit below chance
+C2ST_REPEATS = 10  # subsampled refits behind each C2ST interval
+# half of each set per refit, drawn without replacement (a duplicate across folds would leak): the spread
+# of half-sample estimates around the full one is about the full estimate's own sampling spread
+C2ST_SUBSAMPLE = 0.5
+C2ST_KINDS = ("linear", "quadratic", "stats")
+STAT_NAMES = ("within-clip variance", "lag-1 autocorrelation", "lag-2 autocorrelation", "lag-3 autocorrelation",
+              "global-signal variance", "spatial sd of the clip mean", "mean |value|")
 MAX_PAIRS = 4096  # neighbour pairs per axis for the FWHM: the estimate is a ratio of means over pairs
 PARCEL_VOXELS = 32  # voxels averaged per parcel: the mean of 32 already follows the parcel's shared signal
 
@@ -183,28 +197,119 @@ def upper_corr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def c2st(a: np.ndarray, b: np.ndarray, seed: int, components: int = 50, folds: int = 5) -> float:
-    """Classifier two-sample test: cross-validated accuracy telling clips (n, ...) of ``a`` from ``b``.
+    """The linear classifier two-sample test of clips (n, ...) of ``a`` against ``b`` (see ``two_sample_tests``)."""
+    return two_sample_tests(a, b, seed, components, folds, kinds=("linear",), repeats=0)["linear"][0]
 
-    The larger set is subsampled (seeded) to the smaller one, so chance is exactly 0.5; clips are
-    flattened, projected on the pooled set's top principal components (labels unused, so no leak),
-    standardised and classified by an L2 logistic regression, with stratified shuffled folds.
+
+def two_sample_tests(a: np.ndarray, b: np.ndarray, seed: int, components: int = 50, folds: int = 5,
+                     kinds: tuple[str, ...] = C2ST_KINDS, repeats: int = C2ST_REPEATS) -> dict:
+    """Classifier two-sample tests telling clips (n, T, F) of ``a`` from those of ``b``.
+
+    The larger set is subsampled (seeded) to the smaller one, so chance is exactly 0.5. Features,
+    all computed on the pooled clips without their labels (no leak):
+
+    * ``linear``: the pooled clips' top principal component scores;
+    * ``quadratic``: the standardised scores and their squares, so that a set whose clips spread
+      more (or less) along a component is told apart, which a linear boundary cannot do;
+    * ``stats``: ``clip_stats`` (logarithms of the scales), standardised, and their squares, for
+      the same reason: clips of random amplitude sit on both sides of real clips' typical amplitude.
+
+    Each is classified by an L2 logistic regression with stratified shuffled folds; the accuracy
+    is the mean over folds. ``repeats`` refits, each on a different half of both sets with
+    different folds, give the interval: the 2.5th and 97.5th percentiles of their accuracies.
+
+    Returns:
+        {kind: (accuracy, [lo, hi] or None)}; NaN and None with fewer than ``MIN_C2ST_CLIPS``
+        clips in either set.
     """
+    n = min(len(a), len(b))
+    if n < MIN_C2ST_CLIPS:
+        return {k: (math.nan, None) for k in kinds}
+    rng = np.random.default_rng(seed)
+    x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])  # (2n, T, F)
+    y = np.repeat([0, 1], n)
+    features = {}
+    if {"linear", "quadratic"} & set(kinds):
+        z = pca_scores(x.reshape(2 * n, -1), components)  # (2n, k)
+        features["linear"] = z
+        features["quadratic"] = _with_squares(z)  # (2n, 2k)
+    if "stats" in kinds:
+        features["stats"] = _with_squares(clip_stats(x))  # (2n, 14)
+    out = {}
+    for kind in kinds:
+        accuracy = _cv_accuracy(features[kind], y, folds, seed)
+        spread = []
+        for r in range(repeats):
+            pick = np.random.default_rng([seed, r]).permutation(n)[: max(MIN_C2ST_CLIPS, int(C2ST_SUBSAMPLE * n))]
+            rows = np.concatenate([pick, n + pick])  # the same share of each set
+            spread.append(_cv_accuracy(features[kind][rows], y[rows], folds, seed + 1 + r))
+        out[kind] = (accuracy, np.percentile(spread, [2.5, 97.5]).tolist() if spread else None)
+    return out
+
+
+def _with_squares(f: np.ndarray) -> np.ndarray:
+    """Standardised features (n, k) beside their squares (n, 2k): a quadratic boundary for a linear model."""
+    sd = f.std(0)
+    z = (f - f.mean(0)) / np.where(sd > 0, sd, 1.0)
+    return np.concatenate([z, z**2], axis=1)
+
+
+def _cv_accuracy(f: np.ndarray, y: np.ndarray, folds: int, seed: int) -> float:
+    """Mean accuracy over stratified shuffled folds of a standardised L2 logistic regression."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    rng = np.random.default_rng(seed)
-    n = min(len(a), len(b))
-    folds = min(folds, n)
-    if folds < 2:
-        return math.nan
-    x = np.concatenate([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]]).reshape(2 * n, -1)
-    y = np.repeat([0, 1], n)
-    z = pca_scores(x, components)  # (2n, k)
     model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000))
-    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    return float(cross_val_score(model, z, y, cv=cv).mean())
+    cv = StratifiedKFold(min(folds, int(np.bincount(y).min())), shuffle=True, random_state=seed)
+    return float(cross_val_score(model, f, y, cv=cv).mean())
+
+
+def clip_stats(x: np.ndarray) -> np.ndarray:
+    """Per-clip summary statistics (n, 7) of clips (n, T, F), in the order of ``STAT_NAMES``.
+
+    Within-clip variance (voxel residuals after each voxel's clip mean), lag-1..3 autocorrelation
+    of those residuals (pooled over the clip's voxels), the within-clip variance of the global
+    signal (mean over the voxels), the spatial sd of the clip's mean frame and the mean absolute
+    value. Scales (variances, sd, mean |value|) enter as logarithms: a factor is a shift.
+    """
+    out, tiny = np.empty((len(x), len(STAT_NAMES))), 1e-12
+    for start in range(0, len(x), 64):  # chunks: a float64 residual copy of every clip at once is large
+        c = x[start : start + 64].astype(np.float64)  # (b, T, F)
+        mean = c.mean(1)  # (b, F) the clip's mean frame
+        r = c - mean[:, None]
+        sq = np.einsum("btf,btf->b", r, r)  # (b,)
+        lag = [np.einsum("btf,btf->b", r[:, k:], r[:, :-k]) / np.maximum(sq, tiny) for k in (1, 2, 3)]
+        out[start : start + len(c)] = np.stack([
+            np.log(sq / r[0].size + tiny), *lag, np.log(r.mean(2).var(1) + tiny), np.log(mean.std(1) + tiny),
+            np.log(np.abs(c).mean((1, 2)) + tiny)], axis=1)
+    return out
+
+
+def between_clip_ratio(x: np.ndarray, labels: np.ndarray) -> float:
+    """Total over within-clip variance of clips (n, T, F) of conditions ``labels`` (n,).
+
+    The total is taken around each condition's voxel means (so sets with other condition counts
+    compare fairly) and the within-clip variance around each clip's own voxel means; the ratio is
+    1 when clips differ only as frames within a clip do and grows with what sets clips apart
+    (subject, session, amplitude).
+    """
+    total, within = 0.0, 0.0
+    for c in np.unique(labels):
+        xc = x[labels == c].astype(np.float64)  # (m, T, F)
+        total += float(np.square(xc - xc.mean((0, 1))).sum())
+        within += float(np.square(xc - xc.mean(1, keepdims=True)).sum())
+    return total / within if within > 0 else math.nan
+
+
+def mean_clip_distance(real: np.ndarray, other: np.ndarray, real_variance: float) -> float:
+    """RMS difference of the mean clips per condition (C, T, V), in real within-clip sd units.
+
+    Mean clips carry the sampling noise of their clip counts, so the figure is read against the
+    reference's, taken with as many clips as the generated set.
+    """
+    return float(np.sqrt(np.mean(np.square(other - real)) / real_variance)) if real_variance > 0 else math.nan
 
 
 def pca_scores(x: np.ndarray, components: int) -> np.ndarray:
