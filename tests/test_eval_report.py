@@ -25,7 +25,7 @@ def test_report_shows_references_realism_and_the_furthest_shortfall(evaluation, 
     assert main(["report", "--eval", str(evaluation), "--out", str(tmp_path / "r.html")]) == 0
     page = (tmp_path / "r.html").read_text()
     for text in ("reference", "ceiling", "map r vs truth", "Realism", "autocorrelation lag 5", "FWHM (mm)",
-                 "C2ST accuracy", "FC r with real", "Furthest short of its reference", "kmeans-100", *CONDITIONS):
+                 "C2ST linear", "C2ST statistics", "FC r with real", "Furthest short of its reference", "kmeans-100", *CONDITIONS):
         assert text in page, text
     assert page.count("data:image/png;base64,") == 3 + 4  # glass brains, realism, matrices, time courses, PCA
 

@@ -156,7 +156,7 @@ def test_cli_evaluate_then_report_is_one_self_contained_page(tmp_path, store, rn
     samples = _good_samples(tmp_path / "samples", rng)
     assert main(["evaluate", "--real", str(store.path), "--generated", str(samples), "--out", str(tmp_path / "e")]) == 0
     printed = capsys.readouterr().out  # the v2 table: one row per set, realism, the furthest shortfall
-    assert "reference" in printed and "C2ST accuracy" in printed and "furthest short of its reference" in printed
+    assert "reference" in printed and "C2ST linear" in printed and "C2ST statistics" in printed and "furthest short of its reference" in printed
     rows = [{"preset": p, "params": n, "map_corr_mean": r, "rsa": r, "top1_map": 1.0} for p, n, r in
             [("s", 1e5, 0.5), ("m", 1e6, 0.6), ("l", 1e7, 0.7)]]
     fits = {"map_corr_mean": {"loglinear": {"a": -0.0, "b": 0.1}, "powerlaw": {"A": 2.5, "alpha": 0.14}}}
@@ -178,3 +178,22 @@ def test_cli_bad_input_is_one_line(tmp_path, store, capsys):
     assert len(err.splitlines()) == 1 and "generated clips not found" in err
     assert main(["report", "--eval", str(tmp_path), "--out", str(tmp_path / "r.html")]) == 1
     assert "not an evaluation output" in capsys.readouterr().err
+
+
+def test_small_evaluations_show_figures_as_not_computed_with_the_reason(tmp_path, store, rng):
+    """6 generated clips of 2 conditions: no C2ST (below 10 clips per set), no RSA (below 3 conditions)."""
+    patterns = _patterns()
+    clips = [_clip(rng, patterns[c], 0.0) for c in range(2) for _ in range(3)]
+    samples = write_samples(tmp_path / "samples", clips, [c for c in CONDITIONS[:2] for _ in range(3)])
+    m = evaluate(f"{store.path}:test", samples, tmp_path / "eval", Config())
+    r = m["realism"]
+    assert r["c2st_accuracy"] is None and r["c2st_stats"] is None and r["c2st_quadratic_ci"] is None
+    assert r["c2st_reference"] is None and m["rsa"] is None and m["reference"]["rsa"] is None
+    assert {"realism.c2st_accuracy", "realism.c2st_stats_reference", "rsa", "ceiling.rsa"} <= set(m["not_computed"])
+    assert any("fewer than the 10 per set" in n for n in m["notes"]) and any("RSA not computed" in n for n in m["notes"])
+    from fmrisynth.evaluate.summary import text_table
+
+    table = text_table(m)
+    assert "n/c: RSA not computed: 2 condition(s)" in table and "n/c: C2ST (generated) not computed: 6 clips" in table
+    c2st_row = next(line for line in table.splitlines() if line.startswith("C2ST linear")).split()
+    assert c2st_row[-2:] == ["n/c", "n/c"]  # generated, reference: never a number

@@ -28,10 +28,15 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate import metrics as M
 from fmrisynth.evaluate.clips import open_generated, open_real, read_item, split_spec
 from fmrisynth.evaluate.passes import Pass, halves, map_metrics, stream, task_metrics, timecourses
-from fmrisynth.evaluate.realism import c2st, compare, make_probe
+from fmrisynth.evaluate.realism import (MIN_C2ST_CLIPS, between_clip_ratio, c2st, compare, make_probe,
+                                        mean_clip_distance, two_sample_tests)
 from fmrisynth.evaluate.references import codec_set, reference_set, truth_maps
 
 NO_TASK = {"rest"}  # clips without a task block have no activation map
+MIN_RSA_CONDITIONS = 3  # an RDM of C conditions has C(C-1)/2 pairs; a correlation of fewer than 3 means nothing
+UNITS = {"zscore": "z (voxel sd over the run)", "psc": "% signal change", "none": "scanner units"}
+V3_KEYS = ("c2st_quadratic", "c2st_quadratic_ci", "c2st_stats", "c2st_stats_ci", "between_clip_variance_ratio",
+           "mean_clip_diff")  # realism figures of evaluation v3, each with a _reference twin
 
 
 def _memorisation(gen: Pass, heldout: Pass, train: np.ndarray, seed: int, margin: float) -> dict:
@@ -85,22 +90,45 @@ def _pca(real: Pass, gen: Pass, real_table, gen_table, ecfg: EvalConfig, seed: i
     return {**explained, "explained_variance_ratio": pca.explained_variance_ratio_.tolist()}, arrays
 
 
-def _realism(real: Pass, gen: Pass, ref: Pass | None, ecfg: EvalConfig, seed: int, parcellation: str) -> dict:
-    """Realism of the generated clips against the real test set, and of the reference as yardstick."""
-    test = lambda p: c2st(real.features, p.features, seed, ecfg.c2st_components, ecfg.c2st_folds)  # noqa: E731
-    g = compare(real.realism, gen.realism)
+def _realism(real: Pass, gen: Pass, ref: Pass | None, ecfg: EvalConfig, seed: int, parcellation: str) -> tuple[dict, dict]:
+    """Realism of the generated clips against the real test set, and of the reference as yardstick.
+
+    Returns the ``realism`` figures and {figure: reason} for those not computed (too few clips).
+    """
+    real_between = between_clip_ratio(real.features, real.labels)
+
+    def v3(p: Pass | None) -> dict:  # evaluation v3's figures of one set against the real test set
+        if p is None:
+            return dict.fromkeys(("c2st", "c2st_ci", *V3_KEYS))
+        t = two_sample_tests(real.features, p.features, seed, ecfg.c2st_components, ecfg.c2st_folds)
+        return {"c2st": t["linear"][0], "c2st_ci": t["linear"][1],
+                "c2st_quadratic": t["quadratic"][0], "c2st_quadratic_ci": t["quadratic"][1],
+                "c2st_stats": t["stats"][0], "c2st_stats_ci": t["stats"][1],
+                "between_clip_variance_ratio": between_clip_ratio(p.features, p.labels) / real_between,
+                "mean_clip_diff": mean_clip_distance(real.clip_mean, p.clip_mean, real.realism["variance"])}
+
+    g, gv = compare(real.realism, gen.realism), v3(gen)
     out = {"variance_ratio": g["variance_ratio"], "global_signal_ratio": g["global_signal_ratio"],
            "autocorr_real": real.realism["autocorr"], "autocorr_generated": g["autocorr"],
            "autocorr_max_diff": g["autocorr_max_diff"], "fwhm_real_mm": real.realism["fwhm_mm"],
-           "fwhm_generated_mm": g["fwhm_mm"], "fc_corr": g["fc_corr"], "c2st_accuracy": test(gen)}
-    r = compare(real.realism, ref.realism) if ref is not None else dict.fromkeys(g)
-    out.update({"fc_corr_reference": r["fc_corr"], "c2st_reference": test(ref) if ref is not None else None,
+           "fwhm_generated_mm": g["fwhm_mm"], "fc_corr": g["fc_corr"], "c2st_accuracy": gv["c2st"],
+           "c2st_accuracy_ci": gv["c2st_ci"], **{k: gv[k] for k in V3_KEYS}, "between_clip_variance_real": real_between}
+    r, rv = compare(real.realism, ref.realism) if ref is not None else dict.fromkeys(g), v3(ref)
+    out.update({"fc_corr_reference": r["fc_corr"], "c2st_reference": rv["c2st"], "c2st_reference_ci": rv["c2st_ci"],
+                **{f"{k}_reference": rv[k] for k in V3_KEYS},
                 "variance_ratio_reference": r["variance_ratio"], "global_signal_ratio_reference": r["global_signal_ratio"],
                 "autocorr_reference": r["autocorr"], "autocorr_max_diff_reference": r["autocorr_max_diff"],
                 "fwhm_reference_mm": r["fwhm_mm"], "parcellation": parcellation,
                 "fwhm_axes_mm": {k: p.realism["fwhm_axes_mm"] for k, p in (("real", real), ("generated", gen), ("reference", ref))
                                  if p is not None}})
-    return out
+    not_computed = {}
+    for name, p, keys in (("generated", gen, ("c2st_accuracy", "c2st_quadratic", "c2st_stats")),
+                          ("reference", ref, ("c2st_reference", "c2st_quadratic_reference", "c2st_stats_reference"))):
+        n = None if p is None else min(len(real.rows), len(p.rows))
+        if n is not None and n < MIN_C2ST_CLIPS:
+            reason = f"C2ST ({name}) not computed: {n} clips, fewer than the {MIN_C2ST_CLIPS} per set it needs"
+            not_computed.update({f"realism.{k}": reason for k in keys})
+    return out, not_computed
 
 
 def _vs_truth(truth: np.ndarray, p: Pass, conditions: list[str]) -> dict:
@@ -196,6 +224,7 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     ref_pass = run(ref_set, references=real_maps) if ref_set is not None else None
     codec_pass = run(codec, references=real_maps) if codec is not None else None
 
+    ref_maps = ref_pass.group_t() if ref_pass is not None else None
     main = map_metrics(real_maps, gen_maps)
     generated_row = task_metrics(real_pass, gen_pass, real_maps, conditions, ecfg.roi_fraction)
     ceiling = map_metrics(real_pass.group_t(0), real_pass.group_t(1))
@@ -203,6 +232,14 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     pca, pca_arrays = _pca(real_pass, gen_pass, real_set.table, gen_set.table, ecfg, seed)
     confusion = np.zeros((len(conditions),) * 2, int)
     np.add.at(confusion, (gen_pass.labels, gen_pass.assigned), 1)
+    realism, not_computed = _realism(real_pass, gen_pass, ref_pass, ecfg, seed, probe.parcellation)
+    if len(conditions) < MIN_RSA_CONDITIONS:
+        reason = (f"RSA not computed: {len(conditions)} condition(s); an RDM needs {MIN_RSA_CONDITIONS} conditions "
+                  f"for the 3 pairs a correlation of its upper triangles needs")
+        not_computed.update(dict.fromkeys(("rsa", "reference.rsa", "ceiling.rsa", "codec.rsa"), reason))
+    if codec_pass is not None and min(len(real_pass.rows), len(codec_pass.rows)) < MIN_C2ST_CLIPS:
+        not_computed["codec.c2st_accuracy"] = f"C2ST (codec) not computed: fewer than {MIN_C2ST_CLIPS} clips"
+    notes += sorted(set(not_computed.values()))
     ref_is_train = ref_set is not None and split_spec(ref_info["source"], None) == (store.path, "train")
     train = ref_pass.features if ref_is_train else _train_features(store, conditions, voxels, len(real_pass.rows), seed)
     result = {
@@ -223,7 +260,7 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
             **{k: _vs_truth(truth, p, conditions) for k, p in (("real", real_pass), ("reference", ref_pass),
                                                                 ("generated", gen_pass)) if p is not None},
             "source": truth_source},
-        "realism": _realism(real_pass, gen_pass, ref_pass, ecfg, seed, probe.parcellation),
+        "realism": realism,
         "memorisation": _memorisation(gen_pass, real_pass, train, seed, ecfg.memorisation_margin),
         "hrf": {conditions[c]: d for c, d in hrf.items()},
         "roi_fraction": ecfg.roi_fraction,
@@ -236,7 +273,10 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
         "real": str(real),
         "generated": str(generated),
         "notes": notes,
-        "maps": {c: {k: map_name(k, c) for k in ("real", "generated")} for c in conditions},
+        "not_computed": not_computed,
+        "units": UNITS.get(str(_get_normalise(store)), "store units"),
+        "maps": {c: {k: map_name(k, c) for k in ("real", "generated") + (("reference",) if ref_pass else ())}
+                 for c in conditions},
     }
     result = _json_safe(result)
     fc = {f"fc_{k}": p.realism["fc"] for k, p in (("real", real_pass), ("generated", gen_pass), ("reference", ref_pass))
@@ -246,7 +286,9 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         (tmp / "maps").mkdir(parents=True)
-        for kind, maps in (("real", real_maps), ("generated", gen_maps)):
+        for kind, maps in (("real", real_maps), ("generated", gen_maps), ("reference", ref_maps)):
+            if maps is None:
+                continue
             for c, m in zip(conditions, maps):
                 nib.save(nib.Nifti1Image(store.unmask(m.astype(np.float32)), store.affine), tmp / map_name(kind, c))
         np.savez_compressed(
@@ -264,6 +306,12 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
+
+
+def _get_normalise(store) -> str | None:
+    """How the store's runs were normalised (``data.normalise`` of the config it was prepared with)."""
+    config = store.header.get("config")
+    return config.get("data", {}).get("normalise") if isinstance(config, dict) else None
 
 
 def _is_named_grid(name: str, store) -> bool:
