@@ -227,11 +227,13 @@ def _train_vae(args):
     )
 )
 def _train(args):
+    from fmrisynth.models.presets import describe
     from fmrisynth.training.diffusion import train_diffusion
+    from fmrisynth.training.loop import is_main
 
     cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
                       train__steps=args.steps)  # fmt: skip
-    from fmrisynth.training.loop import is_main
+    describe(cfg.model, args.latents)  # the model builds and runs on these latents (meta device), before any write
 
     checkpoint = train_diffusion(cfg, args.latents, args.out, resume=args.resume, progress=not args.quiet)
     if is_main():
@@ -253,7 +255,9 @@ def _train(args):
         p.add_argument("--subjects", type=positive_int, default=1, help="run mode: generated subjects, one run each"),
         p.add_argument("--task", help="run mode: BIDS task label, letters and digits (default: the events file's name)"),
         p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)"),
-        p.add_argument("--sampler", choices=["ddpm", "ddim"]),
+        p.add_argument("--sampler", choices=["ddpm", "ddim", "analytic"]),
+        p.add_argument("--generator", choices=["ours", "gaussian"], default="ours",
+                       help="the deep generator, or the run's Gaussian background model (no network, seconds)"),
         p.add_argument("--out", type=Path, required=True, help="BIDS dataset folder (created; other tasks in it stay)"),
     )
 )
@@ -262,11 +266,13 @@ def _sample(args):
 
     if args.events is None:
         paths = gen.sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
-                           sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration)  # fmt: skip
+                           sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration,
+                           kind=args.generator)  # fmt: skip
         return print(f"{len(paths)} clips of {args.condition} -> {args.out}")
     clip_flags = [f for f in ("condition", "guidance", "onset", "duration") if getattr(args, f) is not None]
     paths = gen.sample_runs(args.checkpoint, args.events, args.tr, args.frames, args.out, subjects=args.subjects, task=args.task,
-                            seed=args.seed or 0, steps=args.steps, sampler=args.sampler, progress=True, clip_flags=clip_flags)  # fmt: skip
+                            seed=args.seed or 0, steps=args.steps, sampler=args.sampler, progress=True, clip_flags=clip_flags,
+                            kind=args.generator)  # fmt: skip
     print(f"{len(paths)} runs ({args.frames} frames, TR {args.tr:g} s) -> {args.out}")
 
 

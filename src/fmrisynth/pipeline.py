@@ -123,15 +123,25 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
     return metrics
 
 
+def _latent_shape(cfg: Config) -> tuple[int, ...]:
+    """(T, c, d, h, w) of the latents ``cfg`` will make: a clip's frames, the VQ-GAN's channels and grid."""
+    from fmrisynth.data.grid import get_grid
+
+    return (cfg.data.clip_len, cfg.vae.latent_channels, *(s // cfg.vae.downsample for s in get_grid(cfg.data.grid).shape))
+
+
 def _steps_for(budget: str, gflops: float, batch_size: int) -> int:
     """A budget of ``N`` steps, or ``<N>flops`` converted with 3 forward-equivalents per sample-step."""
-    if budget.endswith("flops"):
-        flops = float(budget[: -len("flops")])
-        return max(1, math.floor(flops / (3 * gflops * 1e9 * batch_size)))
     try:
-        return int(budget)
+        if budget.endswith("flops"):
+            flops = float(budget[: -len("flops")])
+            if math.isfinite(flops) and flops > 0:
+                return max(1, math.floor(flops / (3 * gflops * 1e9 * batch_size)))
+        elif int(budget) >= 1:
+            return int(budget)
     except ValueError:
-        raise FmrisynthError(f"budget {budget!r}: give a step count (2000) or FLOPs (3e13flops)") from None
+        pass
+    raise FmrisynthError(f"budget {budget!r}: give a step count >= 1 (2000) or FLOPs > 0 (3e13flops)")
 
 
 def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[str], None] = print) -> dict:
@@ -146,10 +156,13 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
 
     if len(sizes) < 2:
         raise FmrisynthError("scale needs at least two --sizes")
+    for preset in sizes:  # every size and the budget, before the data stages or any size trains
+        _steps_for(budget, describe(replace(cfg.model, preset=preset), _latent_shape(cfg))["gflops"], cfg.train.batch_size)
     latents = prepare_latents(cfg, out / "data", False, log)
+    described = {preset: describe(replace(cfg.model, preset=preset), latents) for preset in sizes}
     rows = []
     for preset in sizes:
-        info = describe(replace(cfg.model, preset=preset), latents)
+        info = described[preset]
         steps = _steps_for(budget, info["gflops"], cfg.train.batch_size)
         run_cfg = replace(cfg, model=replace(cfg.model, preset=preset), train=replace(cfg.train, steps=steps))
         run = out / preset

@@ -4,10 +4,14 @@ Every size of ours is one family, scaled by width alone so that a scaling study 
 a space-time U-Net with FiLM conv blocks (+ temporal convolutions) at the latent's full resolution
 and AdaLN-Zero + cross-attention transformer stages (spatial + temporal attention) at 1/2 and 1/4
 of it, widths (m, 2m, 2m), depths (2, 4, 6). At the 2 mm latent (T=20, c=4, 24x28x24),
-m = 114, 170, 228, 288, 340, 402 gives the reference scaling grid: 37.7, 83.7, 150.4, 239.7,
-333.9 and 466.7 M parameters against 38.1, 85.4, 151.5, 236.5, 340.3 and 462.9 M (each within
+m = 114, 170, 228, 288, 340, 400 gives the reference scaling grid: 37.7, 83.7, 150.4, 239.7,
+333.9 and 462.0 M parameters against 38.1, 85.4, 151.5, 236.5, 340.3 and 462.9 M (each within
 2 %). The ``s0.3m`` .. ``s20m`` sizes are the same family at CPU scale, listed at the demo latent
 (T=20, c=4, 8x10x8).
+
+Heads are ``width // head_dim``, and each head's size (width / heads) must be even: the rotary
+time encoding rotates channel pairs. ``build_denoiser`` refuses a preset that breaks this, and
+``describe`` (one forward pass on the meta device) any other that cannot run, each in one line.
 
 Parameter counts depend on c and the number of conditions (a few thousand parameters), never on T
 or on the spatial size: positions are a fixed sine-cosine embedding in space and rotary (relative)
@@ -48,10 +52,10 @@ PRESETS: dict[str, Preset] = {
     # trains on 2 CPU cores in minutes at the demo latent: 8 channels at full resolution, one block per level
     "tiny": Preset("6mm", dict(widths=(8, 16, 16), depths=(1, 1, 1), kinds=("conv", "attn", "attn"), head_dim=8)),
     **{f"s{name}m": Preset("6mm", family(m, head_dim=hd))
-       for name, m, hd in [("0.3", 10, 10), ("1", 18, 18), ("3", 32, 32), ("10", 58, 58), ("20", 82, 41)]},
+       for name, m, hd in [("0.3", 10, 10), ("1", 18, 18), ("3", 32, 32), ("10", 58, 58), ("20", 84, 42)]},
     **{f"s{name}m": Preset("2mm", family(m, head_dim=hd))
-       for name, m, hd in [("38", 114, 64), ("85", 170, 64), ("152", 228, 56), ("237", 288, 64), ("340", 340, 64),
-                           ("463", 402, 64)]},
+       for name, m, hd in [("38", 114, 64), ("85", 170, 64), ("152", 228, 76), ("237", 288, 64), ("340", 340, 64),
+                           ("463", 400, 80)]},
     # the ablations at the size of the reference's baseline, each re-widened to ~236.5M parameters
     "s237m-all-cnn": Preset("2mm", family(234, head_dim=72, variant="all-cnn")),
     "s237m-all-transformer": Preset("2mm", family(288, variant="all-transformer", patch=(2, 1, 1))),
@@ -93,7 +97,18 @@ def build_denoiser(model_cfg: ModelConfig, latent_shape: tuple[int, ...], n_clas
         if model_cfg.variant not in VARIANTS:
             raise FmrisynthError(f"unknown variant {model_cfg.variant!r}; choose one of {', '.join(VARIANTS)}")
         arch["variant"] = model_cfg.variant
-    return Backbone(channels, n_classes, **arch)
+    try:
+        model = Backbone(channels, n_classes, **arch)
+    except ValueError as e:
+        raise FmrisynthError(f"preset {model_cfg.preset!r} cannot be built: {e}") from None
+    from fmrisynth.models.blocks import Attention
+
+    odd = sorted({m.q.out_features // m.heads for m in model.modules()
+                  if isinstance(m, Attention) and m.rotary and (m.q.out_features // m.heads) % 2})  # fmt: skip
+    if odd:
+        raise FmrisynthError(f"preset {model_cfg.preset!r} has attention heads of odd size {odd[0]}; "
+                             "the rotary time encoding needs an even head size (change head_dim)")  # fmt: skip
+    return model
 
 
 def count_params(model) -> int:
@@ -126,7 +141,9 @@ def gflops(model, latent_shape: tuple[int, ...], batch: int = 1) -> float:
 def describe(model_cfg: ModelConfig, latents: str | Path | tuple[int, ...], n_classes: int = N_CLASSES) -> dict:
     """Parameters and GFLOPs of the model ``model_cfg`` names, at a latent store's size or a latent shape.
 
-    The model is built on the meta device: nothing is allocated, so this is instant at any size.
+    The model is built on the meta device and runs one forward pass there: nothing is allocated, so
+    this is instant at any size, and a model that cannot run at this size is refused in one line
+    (``FmrisynthError``) before a training run writes anything.
     """
     import torch
 
@@ -134,16 +151,23 @@ def describe(model_cfg: ModelConfig, latents: str | Path | tuple[int, ...], n_cl
         from fmrisynth.data.store import ClipStore
 
         store = ClipStore(latents)
+        if store.kind != "latents":
+            raise FmrisynthError("not a latent store (write one with `fmrisynth train-vae`)", latents)
         latents, n_classes = tuple(store.item_shape), len(store.conditions)
     with torch.device("meta"):
         model = build_denoiser(model_cfg, latents, n_classes)
+    try:
+        flops = gflops(model, latents)
+    except (RuntimeError, ValueError) as e:
+        raise FmrisynthError(f"preset {model_cfg.preset!r} cannot run on latents {tuple(latents)}: "
+                             f"{str(e).splitlines()[0]}") from None  # fmt: skip
     return {
         "preset": model_cfg.preset,
         "backbone": model_cfg.backbone,
         "variant": getattr(model, "variant", None),
         "latent_shape": list(latents),
         "params": count_params(model),
-        "gflops": gflops(model, latents),
+        "gflops": flops,
     }
 
 
