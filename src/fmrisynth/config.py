@@ -41,6 +41,7 @@ class SimConfig:
     subject_jitter: float = 0.3  # added to a subject's real betas, in units of the between-subject sd
     smoothing_mm: float = 3.0  # Gaussian sigma that blends painted parcels
     spikes: bool = False  # motion-like spikes
+    trial_sd: float = 0.0  # sd of each block's or event's response gain around 1 (real blocks vary); 0: none
 
 
 @dataclass

@@ -27,11 +27,11 @@ import numpy as np
 from fmrisynth.config import Config, to_dict
 from fmrisynth.data.grid import get_grid
 from fmrisynth.data.nifti import Run, check_affines
+from fmrisynth.data.run_events import REST, write_run_events
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import condition_set
 
 SPLITS = ("train", "val", "test")
-REST = "rest"
 DEFAULT_CONDITIONS = {"hcp": "hcp7", "bids": "all"}  # what data.conditions "auto" means per source
 MIN_COVERAGE = 0.8  # a run whose own brain covers less of the brain mask may not be in MNI space: warn
 
@@ -212,6 +212,7 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
                 counts[clip.condition][split] += 1
             del x
             bar.set_postfix(clips=len(writer.rows))
+        write_run_events(writer.tmp, [run for run, _ in plans])  # the whole design, for the response model
         summary["clips"] = len(writer.rows)
         summary["seconds"] = round(time.perf_counter() - t0, 2)
         summary["volumes_per_s"] = round(volumes / max(summary["seconds"], 1e-9), 1)

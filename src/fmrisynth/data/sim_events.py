@@ -30,7 +30,8 @@ import numpy as np
 from fmrisynth import __version__
 from fmrisynth.config import Config
 from fmrisynth.data.design import default_task, design_tsv, read_design
-from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject, staged, write_provenance
+from fmrisynth.data.simulator import (_check, _pe_index, _regressors, _save, _Subject, staged, trial_gains,
+                                     write_provenance)  # fmt: skip
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HCP24
 
@@ -74,7 +75,10 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
             _save(sim, subject.warped_mask()[:, None], truth / "brain_mask.nii.gz")
             for r, pe in enumerate(cfg.sim.runs, start=1):
                 rng = np.random.default_rng([cfg.seed, 3, i, _pe_index(pe)])
-                volume, canonical = subject.make(regs, list(events), pe, rng, frames, tr)  # (N, T) int16
+                gains = np.random.default_rng([cfg.seed, 5, i, _pe_index(pe)])
+                own = regs if cfg.sim.trial_sd == 0 else _regressors(trial_gains(events, cfg.sim.trial_sd, gains),
+                                                                     frames, tr)  # fmt: skip
+                volume, canonical = subject.make(own, list(events), pe, rng, frames, tr)  # (N, T) int16
                 stem = func / f"sub-{name}_task-{task}_run-{r}"
                 _save(sim, volume, stem.with_name(stem.name + "_bold.nii.gz"), tr)
                 sidecar = {"RepetitionTime": tr, "TaskName": task, "StartTime": 0.0, "PhaseEncodingDirection": pe}

@@ -16,7 +16,7 @@ A run is a product of spatial maps and time courses, ``Y = baseline * gain * (1 
 * task: simulated subject i carries real HCP subject (i mod 30)'s 24 parcel betas plus a jitter of
   the real between-subject spread, painted on cortex through the Glasser parcels; each EV's canonical
   regressor plus its time and dispersion derivatives weighted by per-subject and per-region HRF
-  latency and dispersion maps;
+  latency and dispersion maps; with ``sim.trial_sd`` each event's response has its own gain;
 * background: the factor model of real HCP rest subject (i mod 10) (parcel covariance, amplitude,
   AR dynamics), thermal white noise, slow drift, optional motion-like spikes;
 * acquisition: phase encoding LR/RL as an opposite distortion along x plus an intensity gradient.
@@ -157,8 +157,8 @@ def _check(cfg: SimConfig, out: Path) -> tuple[list[Paradigm], SimGrid]:
     bad = [r for r in cfg.runs if r not in PE_SIGN]
     if bad or not cfg.runs or len(set(cfg.runs)) != len(cfg.runs):
         raise FmrisynthError(f"--runs must list LR and/or RL once each, got {','.join(cfg.runs) or 'nothing'}")
-    if min(cfg.task_amplitude, cfg.thermal_sd, cfg.drift_pct, cfg.subject_jitter, cfg.smoothing_mm) < 0:
-        raise FmrisynthError("sim amplitudes, noise levels and smoothing must be >= 0")
+    if min(cfg.task_amplitude, cfg.thermal_sd, cfg.drift_pct, cfg.subject_jitter, cfg.smoothing_mm, cfg.trial_sd) < 0:
+        raise FmrisynthError("sim amplitudes, noise levels, trial_sd and smoothing must be >= 0")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FmrisynthError("already exists and is not an empty directory; choose a new --out", out)
     sim = SimGrid(cfg.grid)
@@ -228,7 +228,8 @@ class _Subject:
     def run(self, p: Paradigm, pe: str, events: dict) -> tuple[np.ndarray, object]:
         """One run of paradigm ``p``: int16 frames (N, T) on the support, and its canonical design."""
         rng = np.random.default_rng([self.seed, 2, self.i, _index(p), _pe_index(pe)])
-        regs = _regressors(events, p.n_frames)
+        gains = np.random.default_rng([self.seed, 4, self.i, _index(p), _pe_index(pe)])
+        regs = _regressors(trial_gains(events, self.cfg.trial_sd, gains), p.n_frames)
         return self.make(regs, [f"{p.name}:{ev}" for ev in regs], pe, rng, p.n_frames, HCP_TR)
 
     def make(self, regs: dict, conditions: list[str], pe: str, rng: np.random.Generator, T: int,
@@ -281,6 +282,17 @@ class _Subject:
             maps.append(xyz @ rng.normal(0, 1.5, (4, len(frames))))
             courses.append(np.eye(T)[frames])
         return np.hstack(maps).astype(np.float32), np.vstack(courses).astype(np.float32)
+
+
+def trial_gains(events: dict[str, list[tuple[float, ...]]], sd: float,
+                rng: np.random.Generator) -> dict[str, list[tuple[float, float, float]]]:  # fmt: skip
+    """Each event's amplitude times its own gain ``1 + sd * N(0, 1)`` (at least 0): real blocks vary in
+    amplitude (habituation, attention). ``sd = 0`` returns ``events`` unchanged and draws nothing, so
+    every run is the same as without the option."""
+    if sd == 0:
+        return events
+    return {ev: [(o, d, (a[0] if a else 1.0) * max(0.0, 1 + sd * rng.standard_normal())) for o, d, *a in blocks]
+            for ev, blocks in events.items()}  # fmt: skip
 
 
 def _regressors(events: dict[str, list[tuple[float, ...]]], T: int, tr: float = HCP_TR) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ Layout of a store directory (also used for cached VQ-GAN latents, with ``kind: l
     manifest.tsv   one row per clip: index, subject, task, run, pe, condition, label, onset_s, duration_s, tr,
                    start_frame, split, dataset, source
     mask.nii.gz    the brain mask on the grid (clip stores only)
+    events.tsv     every event of every run the clips were cut from (clip stores; ``data/run_events.py``)
     config.yaml    the resolved config that made the store (when ``meta`` has one under "config")
 
 Clip stores keep only in-mask voxels: an item is (T, V) with V = mask.sum(), and ``clip(i)`` puts it
@@ -61,7 +62,7 @@ def remove_stale_temps(parent: str | Path) -> list[Path]:
     parent = Path(parent)
     if not parent.is_dir():
         return removed
-    store_files = {"data.f16", "manifest.tsv", "mask.nii.gz", "store.json", "config.yaml", "response.npz", "codec_noise.npz"}
+    store_files = {"data.f16", "manifest.tsv", "mask.nii.gz", "store.json", "config.yaml", "response.npz", "codec_noise.npz", "events.tsv"}
     for entry in parent.iterdir():
         m = TEMP.fullmatch(entry.name)
         if not m or m["host"] not in (None, HOST) or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):

@@ -26,7 +26,7 @@ import torch
 from fmrisynth.config import Stage2Config
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.models.response import Event, ResponseModel
+from fmrisynth.models.response import ResponseModel
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.training.loop import default_device, load_checkpoint
 from fmrisynth.training.vqgan import require_clip_store
@@ -144,13 +144,9 @@ def _per_clip(
 
 
 def clip_response(response: ResponseModel, clips: ClipStore, i: int) -> np.ndarray:
-    """The task response (T, V) of clip ``i``: its block, through its subject's maps if known."""
-    row = clips.manifest.iloc[i]
-    if row["condition"] not in response.conditions:
-        return np.zeros((clips.item_shape[0], int(clips.mask.sum())), np.float32)
-    maps = response.maps(response.subject_scores.get(str(row["subject"])))
-    event = Event(row["condition"], float(row["onset_s"]), float(row["duration_s"]))
-    return response.predict([event], float(row["tr"]), clips.item_shape[0], maps)
+    """The task response (T, V) of clip ``i``: every event of its run that shows in it, through its subject's
+    maps if known (``ResponseModel.clip_response``)."""
+    return response.clip_response(clips, i)
 
 
 def encode_store(

@@ -5,32 +5,52 @@ sees it (DESIGN.md, "Why stage 2 looks like this"). This model takes the task ou
 CorrDiff takes out the mean by regression before diffusing the rest:
 
 * Basis: the canonical HRF with its temporal and dispersion derivatives (nilearn,
-  ``tasks.HRF_BASIS``), so latency and width may differ from voxel to voxel.
-* Fit: per subject s and condition c, least squares of every voxel's clip time courses on the
-  basis-convolved block (each clip's mean removed: clips are cut from runs z-scored as a whole):
-  ``B[s, c]`` (K, V). The population map ``mean[c]`` pools all subjects' normal equations.
+  ``tasks.HRF_BASIS``), so latency and width may differ from voxel to voxel and subject to subject.
+* Fit: a GLM of each run with its whole design in view, on the frames its training clips cover.
+  A clip's regressors come from every event of its run (the store's ``events.tsv``,
+  data/run_events.py), including blocks that ended before the clip began, whose response still
+  decays in it (``LEAD_S``). The baseline is rest, the run's implicit baseline: clips are cut from
+  runs z-scored as a whole, so a run has one constant, plus the slow cosine drifts a user's nilearn
+  GLM removes (``HIGH_PASS_HZ``); a clip's own mean is not removed, which would fold the previous
+  block's tail and the missing rest into the map. Conditions of the runs that are not labels
+  (LANGUAGE:math, HCP's other EVs) are nuisance regressors, so no label absorbs them. Per subject s:
+  ``B[s]`` (C, K, V); the population map ``mean[c]`` pools all subjects' normal equations.
 * Subjects differ: the subject maps minus the mean are reduced to a few principal components.
   Their singular values are shrunk by the estimation noise each subject map carries (a subject
   with few clips has noisy maps; noise that is not shrunk would count twice, once here and once in
   the residual diffusion). A generated subject draws unit-normal scores on those components, so
   clip-level maps vary across generated subjects as they do across real ones.
+* Trials differ: each block's amplitude varies around its subject's map (habituation, attention).
+  Each event's gain is estimated twice, on the first and on the second half of its response; the
+  two share the gain but not the noise, so the mean product of their deviations from 1 estimates
+  the variance of the gains without the estimation noise (``trial_sd`` per condition).
+  ``draw_gains`` gives a design's events their own gains.
 * Predict: the response of any design, a sum over events of basis regressors times the (drawn or
   mean) maps: ``predict(events, tr, frames, maps) -> (T, V)``, for a 14 s clip or a whole run.
+
+It assumes the task adds linearly (event responses sum, scaled by their gains), and cannot make
+what a linear model of the design cannot: nonlinear interactions (refractory saturation of close
+events), learning across a run, responses of conditions it never saw.
 
 ``response.npz`` is written and read here only (``save`` / ``load``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from fmrisynth.data.run_events import RunEvent, read_run_events, run_key
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 
 K = 3  # basis functions per condition
+LEAD_S = 32.0  # the HRF basis lasts about 30 s: an event that ended this long before a clip still shows in it
+HIGH_PASS_HZ = 0.01  # nilearn's default cosine drift: the slow drift a user's first-level GLM removes
 
 
 @dataclass
@@ -45,13 +65,22 @@ class Event:
 
 @dataclass
 class ResponseModel:
-    """Voxelwise HRF-basis responses per condition, and a low-rank model of subjects around them."""
+    """Voxelwise HRF-basis responses per condition, a low-rank model of subjects around them, trial gains."""
 
     conditions: list[str]
     mean: np.ndarray  # (C, K, V) population maps
     components: np.ndarray  # (R, C, K, V) subject deviations, scaled to unit-variance scores
     subject_scores: dict[str, np.ndarray]  # training subject -> (R,) its scores
     noise_sd: np.ndarray  # (V,) residual sd of the fit, for reference
+    nuisance: list[str] = field(default_factory=list)  # conditions of the runs that are not labels
+    nuisance_mean: np.ndarray | None = None  # (Q, K, V) their population maps
+    trial_sd: np.ndarray | None = None  # (C,) sd of an event's gain around 1, beyond estimation noise
+
+    def __post_init__(self):
+        if self.nuisance_mean is None:
+            self.nuisance_mean = np.zeros((len(self.nuisance), *self.mean.shape[1:]), np.float32)
+        if self.trial_sd is None:
+            self.trial_sd = np.zeros(len(self.conditions), np.float32)
 
     def maps(self, scores: np.ndarray | None = None) -> np.ndarray:
         """Response maps (C, K, V) of a subject with ``scores`` (R,); the population's when None."""
@@ -63,90 +92,135 @@ class ResponseModel:
         """Scores (n, R) of ``n`` new subjects: each generated clip or run draws its own."""
         return rng.standard_normal((n, len(self.components)))
 
+    def draw_gains(self, events: list[Event], rng: np.random.Generator) -> list[Event]:
+        """``events`` with their amplitudes times a gain ``1 + trial_sd[c] * N(0, 1)`` each (at least 0).
+
+        A model without trial variability (all ``trial_sd`` 0, as every model fitted before it was
+        estimated) returns the events unchanged and draws nothing from ``rng``.
+        """
+        sd = dict(zip(self.conditions, np.asarray(self.trial_sd, float)))
+        if not any(sd.get(e.condition, 0.0) > 0 for e in events):
+            return list(events)
+        z = rng.standard_normal(len(events))
+        return [replace(e, amplitude=e.amplitude * max(0.0, 1.0 + sd.get(e.condition, 0.0) * z[k]))
+                for k, e in enumerate(events)]  # fmt: skip
+
     def predict(self, events: list[Event], tr: float, frames: int, maps: np.ndarray | None = None) -> np.ndarray:
-        """The expected response (T, V) of a design; ``maps`` (C, K, V) default to the population's."""
+        """The expected response (T, V) of a design; ``maps`` (C, K, V) default to the population's.
+
+        Onsets may be negative (events before the first frame, whose response is still decaying);
+        nuisance conditions respond with their population maps.
+        """
         maps = self.mean if maps is None else maps
-        unknown = sorted({e.condition for e in events} - set(self.conditions))
+        known = {**dict(zip(self.nuisance, self.nuisance_mean)), **dict(zip(self.conditions, maps))}
+        unknown = sorted({e.condition for e in events} - set(known))
         if unknown:
             raise FmrisynthError(f"unknown condition {unknown[0]!r}; this model knows {', '.join(self.conditions)}")
-        out = np.zeros((frames, maps.shape[-1]), np.float32)
-        for c, name in enumerate(self.conditions):
+        lead = int(np.ceil(max([0.0] + [-e.onset_s for e in events]) / tr))  # frames before the first one
+        out = np.zeros((lead + frames, maps.shape[-1]), np.float32)
+        for name in dict.fromkeys(e.condition for e in events):
             mine = [e for e in events if e.condition == name]
-            if mine:
-                x = design_regressors([e.onset_s for e in mine], [e.duration_s for e in mine], frames, tr, HRF_BASIS,
-                                      [e.amplitude for e in mine])  # fmt: skip  # (T, K)
-                out += (x @ maps[c]).astype(np.float32)  # (T, K) @ (K, V) -> (T, V)
-        return out
+            x = design_regressors([e.onset_s + lead * tr for e in mine], [e.duration_s for e in mine], lead + frames,
+                                  tr, HRF_BASIS, [e.amplitude for e in mine])  # fmt: skip  # (T, K)
+            out += (x @ known[name]).astype(np.float32)  # (T, K) @ (K, V) -> (T, V)
+        return out[lead:]
+
+    def clip_response(self, clips, i: int) -> np.ndarray:
+        """The task response (T, V) of clip ``i`` of a clip store: every event of its run that shows in it,
+        through its subject's maps if the subject was fitted (the population's otherwise)."""
+        row = clips.manifest.iloc[i]
+        maps = self.maps(self.subject_scores.get(str(row["subject"])))
+        return self.predict(clip_events(clips, i, self.conditions + self.nuisance), float(row["tr"]),
+                            clips.item_shape[0], maps)  # fmt: skip
 
     # --- fitting -----------------------------------------------------------------------------------
 
     @classmethod
-    def fit(cls, clips, rows, rank: int = 4) -> "ResponseModel":
+    def fit(cls, clips, rows, rank: int = 4, events: dict | None = None) -> "ResponseModel":
         """Fit on the clips ``rows`` of a clip store (``data.store.ClipStore``, masked items (T, V)).
 
-        The manifest gives each clip's condition, subject, onset, duration and TR.
+        The manifest gives each clip's run, condition, start frame and TR; ``events`` (default: the
+        store's ``events.tsv``) every event of every run, ``{(subject, task, run): [RunEvent]}``. A
+        store without that file (prepared by an older fmrisynth) still fits, with a warning: the
+        labelled blocks of each run come back from the manifest, the other conditions cannot.
         """
         m = clips.manifest.iloc[np.asarray(rows)]
         conditions = [c for c in clips.conditions if c in set(m["condition"])]
         if not conditions:
             raise FmrisynthError("no clips to fit the response model on", clips.path)
-        subjects = sorted(m["subject"].astype(str).unique())
-        c_of, s_of = {c: i for i, c in enumerate(conditions)}, {s: i for i, s in enumerate(subjects)}
-        n_vox, frames = clips.item_shape[-1], clips.item_shape[0]
-        xtx = np.zeros((len(subjects), len(conditions), K, K))
-        xty = np.zeros((len(subjects), len(conditions), K, n_vox))
-        yty = np.zeros(n_vox)
-        n_obs = 0
-        designs = {}
-        for i, row in zip(rows, m.itertuples()):
-            if row.condition not in c_of:
-                continue
-            key = (row.onset_s, row.duration_s, row.tr)
-            if key not in designs:
-                designs[key] = design_regressors([row.onset_s], [row.duration_s], frames, row.tr, HRF_BASIS)  # (T, K)
-            x = designs[key] - designs[key].mean(0)  # (T, K): each clip's mean is its own intercept
-            y = clips.item(int(i)).astype(np.float64)  # (T, V)
-            y -= y.mean(0)
-            s, c = s_of[str(row.subject)], c_of[row.condition]
-            xtx[s, c] += x.T @ x
-            xty[s, c] += x.T @ y
+        if events is None:
+            events, complete = read_run_events(clips)
+            if not complete:
+                warnings.warn(f"{clips.path}: no events.tsv (prepared by an older fmrisynth): the response model sees "
+                              "the labelled blocks of each run but not the other conditions, which fold into its maps; "
+                              "run `fmrisynth prepare` again to model them", stacklevel=2)  # fmt: skip
+        runs = _training_runs(m, events, clips)
+        seen = {e.condition for run in runs for e in run.events}
+        modelled = [c for c in conditions if c in seen]  # a label without events (rest clips) is the baseline: 0
+        nuisance = sorted(seen - set(conditions))
+        names = modelled + nuisance
+        subjects = sorted({run.subject for run in runs})
+        s_of, n_vox, P = {s: i for i, s in enumerate(subjects)}, clips.item_shape[-1], len(names) * K
+        xtx, xty = np.zeros((len(subjects), P, P)), np.zeros((len(subjects), P, n_vox))
+        yty, n_obs = np.zeros(n_vox), 0
+        for run in runs:
+            x, y, _, q = run.design(clips, names)  # (F, P), (F, V) with the run's baseline and drift taken out
+            xtx[s_of[run.subject]] += x.T @ x
+            xty[s_of[run.subject]] += x.T @ y
             yty += (y**2).sum(0)
-            n_obs += frames - 1
-        ridge = 1e-6 * np.eye(K)
-        mean = np.linalg.solve(xtx.sum(0) + ridge, xty.sum(0))  # (C, K, V)
-        have = np.trace(xtx, axis1=2, axis2=3) > 0  # (S, C): subject s has clips of c
-        subject = np.where(have[..., None, None], np.linalg.solve(xtx + ridge, xty), mean[None])  # (S, C, K, V)
-        # residual variance per voxel: what the subject fits leave of the clips' variance
-        explained = np.einsum("sckv,sckv->v", subject, xty)
-        dof = max(n_obs - have.sum() * K, 1)
-        noise_var = np.clip(yty - explained, 0, None) / dof  # (V,)
-        components, scores = cls._subject_components(subject - mean[None], xtx, have, noise_var, rank)
-        return cls(conditions, mean.astype(np.float32), components.astype(np.float32),
-                   {s: scores[i].astype(np.float32) for i, s in enumerate(subjects)}, np.sqrt(noise_var).astype(np.float32))  # fmt: skip
+            n_obs += len(y) - q.shape[1]
+        pooled = _solve(xtx.sum(0), xty.sum(0))[0]  # (P, V)
+        n_mod = len(modelled) * K
+        full, inverses, inv_trace, explained, n_par = [], [], np.zeros(len(subjects)), np.zeros(n_vox), 0
+        for s in range(len(subjects)):
+            beta, active, inv = _solve(xtx[s], xty[s])
+            have = np.repeat(active[:n_mod].reshape(-1, K).any(1), K)  # subject s has events of the condition
+            inv_trace[s] = np.trace(inv[:n_mod, :n_mod])  # estimation variance of the subject's maps per unit noise
+            inverses.append(inv)
+            explained += np.einsum("pv,pv->v", beta, xty[s])
+            n_par += int(active.sum())
+            full.append(np.concatenate([np.where(have[:, None], beta[:n_mod], pooled[:n_mod]), beta[n_mod:]]))
+        noise_var = np.clip(yty - explained, 0, None) / max(n_obs - n_par, 1)  # (V,)
+        subject = np.stack(full)[:, :n_mod].reshape(len(subjects), len(modelled), K, n_vox)  # (S, Cm, K, V)
+        mean_m = pooled[:n_mod].reshape(len(modelled), K, n_vox)
+        components, scores = cls._subject_components(subject - mean_m[None], inv_trace, noise_var, rank)
+        gains = _trial_sd(runs, clips, names, modelled, dict(zip(subjects, zip(full, inverses))), noise_var.sum())
+        index = [conditions.index(c) for c in modelled]
+        mean = np.zeros((len(conditions), K, n_vox), np.float32)
+        mean[index] = mean_m
+        comps = np.zeros((len(components), len(conditions), K, n_vox), np.float32)
+        comps[:, index] = components
+        trial_sd = np.zeros(len(conditions), np.float32)
+        trial_sd[index] = gains
+        return cls(conditions, mean, comps, {s: scores[i].astype(np.float32) for i, s in enumerate(subjects)},
+                   np.sqrt(noise_var).astype(np.float32), nuisance,
+                   pooled[n_mod:].reshape(len(nuisance), K, n_vox).astype(np.float32), trial_sd)  # fmt: skip
 
     @staticmethod
-    def _subject_components(dev: np.ndarray, xtx: np.ndarray, have: np.ndarray, noise_var: np.ndarray,
+    def _subject_components(dev: np.ndarray, inv_trace: np.ndarray, noise_var: np.ndarray,
                             rank: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
-        """Principal components of subject deviations dev (S, C, K, V), shrunk by estimation noise.
+        """Principal components of subject deviations dev (S, C, K, V), without their estimation noise.
 
-        In the S-dimensional Gram matrix of the deviations, the estimation noise of subject s adds
-        about ``E|noise_s|^2 = sum_c tr((X'X)_sc^-1) * sum_v noise_var_v`` to each squared singular
-        value (noise vectors in D = C*K*V dimensions are nearly orthogonal). Pure noise spreads
-        those values up to the Marchenko-Pastur edge, (1 + sqrt(S / D))^2 times that energy: a
-        component is kept only above the edge, and its energy is shrunk by the noise's.
+        The estimation noise of subject s adds about ``E_s = tr((X'X)_s^-1 over the maps) * sum_v
+        noise_var_v`` to the diagonal of the S x S Gram matrix of the deviations and little elsewhere
+        (noise vectors in D = C*K*V dimensions are nearly orthogonal). Subjects with few blocks are
+        noisier than others, so each one's own E_s is taken off the diagonal, and a component is
+        kept only where what remains exceeds what pure noise leaves there: the Marchenko-Pastur
+        edge, ((1 + sqrt(S / D))^2 - 1) times the mean E_s.
         """
         n_sub = dev.shape[0]
         if n_sub < 2 or rank < 1:
             return np.zeros((0, *dev.shape[1:])), np.zeros((n_sub, 0))
-        inv_trace = np.where(have, np.trace(np.linalg.pinv(xtx), axis1=2, axis2=3), 0.0)  # (S, C)
-        noise_energy = float(inv_trace.sum(1).mean() * noise_var.sum())
+        noise_energy = inv_trace * noise_var.sum()  # (S,)
         flat = dev.reshape(n_sub, -1)  # (S, C*K*V)
-        u, sv, vt = np.linalg.svd(flat, full_matrices=False)  # (S, S), (S,), (S, C*K*V)
-        edge = noise_energy * (1 + np.sqrt(n_sub / flat.shape[1])) ** 2
-        keep = int(min((sv**2 > edge).sum(), rank))
-        signal = np.sqrt(np.clip(sv**2 - noise_energy, 0, None))  # shrunk singular values
-        scale = signal[:keep] / np.sqrt(n_sub - 1)  # sd of the scores along each component
-        components = (vt[:keep] * scale[:, None]).reshape(keep, *dev.shape[1:])  # (R, C, K, V)
+        signal, u = np.linalg.eigh(flat @ flat.T - np.diag(noise_energy))  # ascending
+        signal, u = signal[::-1], u[:, ::-1]
+        edge = noise_energy.mean() * ((1 + np.sqrt(n_sub / flat.shape[1])) ** 2 - 1)
+        keep = int(min((signal > edge).sum(), rank))
+        directions = u[:, :keep].T @ flat  # (R, C*K*V)
+        directions /= np.linalg.norm(directions, axis=1, keepdims=True)
+        scale = np.sqrt(signal[:keep] / (n_sub - 1))  # sd of the scores along each component
+        components = (directions * scale[:, None]).reshape(keep, *dev.shape[1:])  # (R, C, K, V)
         scores = u[:, :keep] * np.sqrt(n_sub - 1)  # (S, R) unit-variance scores
         return components, scores
 
@@ -158,20 +232,152 @@ class ResponseModel:
         tmp = path.with_name(path.name + ".tmp.npz")
         subjects = sorted(self.subject_scores)
         np.savez(tmp, conditions=np.array(self.conditions), mean=self.mean, components=self.components,
-                 subjects=np.array(subjects, dtype=str), noise_sd=self.noise_sd,
+                 subjects=np.array(subjects, dtype=str), noise_sd=self.noise_sd, trial_sd=self.trial_sd,
+                 nuisance=np.array(self.nuisance, dtype=str), nuisance_mean=self.nuisance_mean,
                  scores=np.stack([self.subject_scores[s] for s in subjects]) if subjects else np.zeros((0, 0)))  # fmt: skip
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "ResponseModel":
+        """Read ``response.npz``; one written before nuisance maps and trial gains has none of either."""
         try:
             with np.load(path, allow_pickle=False) as f:
                 subjects, scores = f["subjects"].tolist(), f["scores"]
                 model = cls([str(c) for c in f["conditions"]], f["mean"], f["components"],
-                            {s: scores[i] for i, s in enumerate(subjects)}, f["noise_sd"])  # fmt: skip
+                            {s: scores[i] for i, s in enumerate(subjects)}, f["noise_sd"],
+                            [str(c) for c in f["nuisance"]] if "nuisance" in f else [],
+                            f["nuisance_mean"] if "nuisance" in f else None,
+                            f["trial_sd"] if "trial_sd" in f else None)  # fmt: skip
         except (OSError, KeyError, ValueError) as e:
             raise FmrisynthError(f"not a readable response model ({e})", path) from None
-        if not (np.isfinite(model.mean).all() and np.isfinite(model.components).all()):
+        if not all(np.isfinite(a).all() for a in (model.mean, model.components, model.nuisance_mean, model.trial_sd)):
             raise FmrisynthError("response model holds non-finite maps", path)
         return model
+
+
+# --- the design of the training runs ----------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """One run of the training split: its subject, TR, events and the clips cut from it."""
+
+    subject: str
+    tr: float
+    items: np.ndarray  # store indices of its training clips
+    starts: np.ndarray  # their first frames in the run
+    events: list[RunEvent]
+
+    def design(self, clips, names: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Regressors x (F, P) of the conditions ``names`` and data y (F, V) on the F frames the clips cover,
+        both with the run's baseline (constant) and cosine drift projected out; the frames (F,) and
+        the orthonormal baseline basis (F, d), which the gain estimates project out of theirs."""
+        from nilearn.glm.first_level.design_matrix import create_cosine_drift
+
+        n_frames, n = clips.item_shape[0], int(self.starts.max()) + clips.item_shape[0]
+        y, covered = np.zeros((n, clips.item_shape[-1])), np.zeros(n, bool)
+        for i, start in zip(self.items, self.starts):
+            y[start : start + n_frames] = clips.item(int(i))  # overlapping clips hold the same frames
+            covered[start : start + n_frames] = True
+        frames = np.flatnonzero(covered)
+        x = np.hstack([self.regressors([e for e in self.events if e.condition == c], n) for c in names])[frames]
+        q = np.linalg.qr(create_cosine_drift(HIGH_PASS_HZ, np.arange(n) * self.tr)[frames])[0]  # (F, d)
+        return x - q @ (q.T @ x), y[frames] - q @ (q.T @ y[frames]), frames, q
+
+    def regressors(self, events: list[RunEvent], n: int) -> np.ndarray:
+        """HRF-basis regressors (n, K) of ``events`` over the run's first n frames."""
+        return design_regressors([e.onset_s for e in events], [e.duration_s for e in events], n, self.tr, HRF_BASIS)
+
+
+def _training_runs(m, events: dict, clips) -> list[_Run]:
+    """The runs of the manifest rows ``m`` (their clips, start frames, TR) with their events."""
+    m = m.assign(_key=[run_key(row) for row in m.itertuples()])
+    runs = []
+    for key in sorted(set(m["_key"])):
+        group = m[m["_key"] == key]
+        if key not in events:
+            raise FmrisynthError(f"run {'/'.join(key)} has clips but no events in {Path(clips.path) / 'events.tsv'}",
+                                 clips.path)  # fmt: skip
+        runs.append(_Run(key[0], float(group["tr"].iloc[0]), group["index"].to_numpy(int),
+                         group["start_frame"].to_numpy(int), events[key]))  # fmt: skip
+    return runs
+
+
+def _ridge(a: np.ndarray) -> np.ndarray:
+    return 1e-6 * max(float(np.trace(a)) / len(a), 1e-12) * np.eye(len(a))
+
+
+def _solve(xtx: np.ndarray, xty: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Least squares from normal equations over the regressors that occur (the others are 0):
+    beta (P, V), which occur (P,), and the inverse (P, P): the betas' covariance per unit noise."""
+    diag = np.diag(xtx)
+    active = diag > 1e-9 * max(float(diag.max()), 1e-300)
+    beta, inv = np.zeros(xty.shape), np.zeros(xtx.shape)
+    if active.any():
+        block = np.linalg.inv(xtx[np.ix_(active, active)] + _ridge(xtx[np.ix_(active, active)]))
+        beta[active], inv[np.ix_(active, active)] = block @ xty[active], block
+    return beta, active, inv
+
+
+def _trial_sd(runs: list[_Run], clips, names: list[str], modelled: list[str], fits: dict,
+              noise: float) -> np.ndarray:  # fmt: skip
+    """The sd of events' gains around 1 per modelled condition (Cm,), beyond estimation noise.
+
+    Each event's gain is estimated on the first and on the second half of the frames its response
+    covers, from the residual of its subject's fit projected on the event's predicted response. Both
+    estimates carry the gain; their noises (another stretch of background) are nearly independent,
+    so the mean product of the two deviations estimates the variance of the gains and not the noise
+    (a split-half covariance, as a noise ceiling is estimated). The predicted response is made with
+    estimated maps, whose noise (``noise`` = the summed voxel noise variance times the maps'
+    covariance) adds to its energy and would shrink the estimates: it is taken off. A subject's
+    maps absorb the mean gain of its n events, which leaves (n - 1) / n of the variance: that is put back.
+    ``fits``: subject -> (its maps then nuisance maps (P, V), their covariance per unit noise (P, P)).
+    """
+    found: dict[tuple[str, str], list[float]] = {}
+    for run in runs:
+        x, y, frames, q = run.design(clips, names)
+        beta, cov = fits[run.subject]
+        resid = y - x @ beta  # (F, V)
+        n = int(frames[-1]) + 1
+        for e in run.events:
+            if e.condition not in modelled:
+                continue
+            xe = run.regressors([e], n)[frames]  # (F, K)
+            peak = np.abs(xe[:, 0])
+            support = np.flatnonzero(peak > 0.1 * peak.max()) if peak.max() > 0 else []
+            if len(support) < 4:  # the clips show too little of this event's response
+                continue
+            c = slice(names.index(e.condition) * K, (names.index(e.condition) + 1) * K)
+            xe -= q @ (q.T @ xe)
+            pred = xe @ beta[c]  # (F, V): the event's response at gain 1
+            halves = []
+            for h in np.array_split(support, 2):
+                energy = np.sum(pred[h] ** 2) - noise * np.trace(xe[h].T @ xe[h] @ cov[c, c])
+                halves.append(np.sum(pred[h] * resid[h]) / energy if energy > 0.25 * np.sum(pred[h] ** 2) else None)
+            if None not in halves:  # else the maps are mostly noise here: no estimate
+                found.setdefault((run.subject, e.condition), []).append(halves[0] * halves[1])
+    out = np.zeros(len(modelled))
+    for c, name in enumerate(modelled):
+        groups = [v for (_, cond), v in found.items() if cond == name and len(v) >= 2]
+        total = sum(len(v) for v in groups)
+        if total:
+            variance = sum(len(v) / (len(v) - 1) * sum(v) for v in groups) / total
+            out[c] = np.sqrt(max(variance, 0.0))
+    return out
+
+
+def clip_events(clips, i: int, known: list[str]) -> list[Event]:
+    """The events of clip ``i``'s run that show in it, onsets in seconds from its first frame (events up
+    to ``LEAD_S`` before it are negative), of the conditions ``known``."""
+    row = clips.manifest.iloc[i]
+    tr = float(row["tr"])
+    start = int(row["start_frame"]) * tr
+    end = start + clips.item_shape[0] * tr
+    return [Event(e.condition, e.onset_s - start, e.duration_s) for e in _store_events(clips).get(run_key(row), [])
+            if e.condition in known and e.onset_s < end and e.onset_s + e.duration_s > start - LEAD_S]  # fmt: skip
+
+
+@lru_cache(maxsize=4)
+def _store_events(clips) -> dict:
+    return read_run_events(clips)[0]
