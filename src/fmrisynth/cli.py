@@ -85,6 +85,9 @@ def _int_at_least(low: int):
 positive_int = _int_at_least(1)
 nonnegative_int = _int_at_least(0)
 
+# The packaged recipe a verb's config starts from (before YAML, --set and flags); others start from the defaults.
+BASE = {"demo": "demo", "scale": "demo"}
+
 # What each verb's --out must be: "dir" (created if absent, reused if present), "new" (must not
 # exist yet) or "file". Verbs not listed take a directory.
 OUT_KIND = {"prepare": "new", "report": "file"}
@@ -118,8 +121,14 @@ def check_out(path: Path, kind: str = "dir") -> None:
 
 
 def config_from(args: argparse.Namespace, base: Path | None = None, **flags: object):
-    """Resolved config: ``base`` preset, YAML, --set, then the verb's own flags (``section__key=value``)."""
-    from fmrisynth.config import load_config
+    """The one way a verb reads its config: defaults, ``base`` (the verb's packaged recipe, ``BASE``,
+    unless given), YAML, --set, then the verb's own flags (``section__key=value``).
+
+    A missing or malformed YAML file, an unknown key and a bad value are each one line."""
+    from fmrisynth.config import load_config, packaged_config
+
+    if base is None and args.verb in BASE:
+        base = packaged_config(BASE[args.verb])
 
     overrides = list(args.set or [])
     if args.seed is not None:
@@ -262,17 +271,26 @@ def _train(args):
     )
 )
 def _sample(args):
+    from fmrisynth.config import save_config
     from fmrisynth.generate import sample as gen
+    from fmrisynth.training.checkpoint import latest_checkpoint
 
+    # the run's own config is the base: its sampling settings and seed hold unless YAML, --set or a flag changes them
+    base = latest_checkpoint(gen.find_run(args.checkpoint)) / "config.yaml"
+    cfg = config_from(args, base=base, diffusion__sample_steps=args.steps, diffusion__sampler=args.sampler,
+                      diffusion__guidance=args.guidance)  # fmt: skip
+    d = cfg.diffusion
     if args.events is None:
-        paths = gen.sample(args.checkpoint, args.condition, args.n, args.out, guidance=args.guidance, steps=args.steps,
-                           sampler=args.sampler, seed=args.seed or 0, onset_s=args.onset, duration_s=args.duration,
+        paths = gen.sample(args.checkpoint, args.condition, args.n, args.out, guidance=d.guidance, steps=d.sample_steps,
+                           sampler=d.sampler, seed=cfg.seed, onset_s=args.onset, duration_s=args.duration,
                            kind=args.generator)  # fmt: skip
+        save_config(cfg, args.out / "config.yaml")
         return print(f"{len(paths)} clips of {args.condition} -> {args.out}")
     clip_flags = [f for f in ("condition", "guidance", "onset", "duration") if getattr(args, f) is not None]
     paths = gen.sample_runs(args.checkpoint, args.events, args.tr, args.frames, args.out, subjects=args.subjects, task=args.task,
-                            seed=args.seed or 0, steps=args.steps, sampler=args.sampler, progress=True, clip_flags=clip_flags,
+                            seed=cfg.seed, steps=d.sample_steps, sampler=d.sampler, progress=True, clip_flags=clip_flags,
                             kind=args.generator)  # fmt: skip
+    save_config(cfg, args.out / "config.yaml")
     print(f"{len(paths)} runs ({args.frames} frames, TR {args.tr:g} s) -> {args.out}")
 
 
@@ -319,10 +337,9 @@ def _report(args):
     )
 )
 def _demo(args):
-    from fmrisynth.config import packaged_config
     from fmrisynth.pipeline import demo
 
-    cfg = config_from(args, base=packaged_config("demo"))
+    cfg = config_from(args)
     demo(cfg, args.out, minutes=args.minutes or 10.0, fresh=args.fresh)
 
 
@@ -335,10 +352,9 @@ def _demo(args):
     )
 )
 def _scale(args):
-    from fmrisynth.config import packaged_config
     from fmrisynth.pipeline import scale
 
-    cfg = config_from(args, base=packaged_config("demo"))  # same data and recipe as the demo
+    cfg = config_from(args)  # the demo's recipe (BASE): same data
     sizes = [s for s in (args.sizes or "").split(",") if s]
     result = scale(cfg, sizes, args.budget or str(cfg.train.steps), args.out)
     fit = result["fits"].get("map_corr_mean", {}).get("loglinear")
@@ -402,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
             warnings.showwarning = show
             if getattr(args, "out", None) is not None:
                 check_out(args.out, OUT_KIND.get(args.verb, "dir"))
+            config_from(args)  # every verb, even one that uses no setting, refuses a bad config before any work
             return int(HANDLERS[args.verb](args) or 0)
     except FmrisynthError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)

@@ -130,6 +130,13 @@ def _latent_shape(cfg: Config) -> tuple[int, ...]:
     return (cfg.data.clip_len, cfg.vae.latent_channels, *(s // cfg.vae.downsample for s in get_grid(cfg.data.grid).shape))
 
 
+def _latent_shape(cfg: Config) -> tuple[int, ...]:
+    """(T, c, d, h, w) of the latents ``cfg`` will make: a clip's frames, the VQ-GAN's channels and grid."""
+    from fmrisynth.data.grid import get_grid
+
+    return (cfg.data.clip_len, cfg.vae.latent_channels, *(s // cfg.vae.downsample for s in get_grid(cfg.data.grid).shape))
+
+
 def _steps_for(budget: str, gflops: float, batch_size: int) -> int:
     """A budget of ``N`` steps, or ``<N>flops`` converted with 3 forward-equivalents per sample-step."""
     try:
@@ -158,6 +165,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         raise FmrisynthError("scale needs at least two --sizes")
     for preset in sizes:  # every size and the budget, before the data stages or any size trains
         _steps_for(budget, describe(replace(cfg.model, preset=preset), _latent_shape(cfg))["gflops"], cfg.train.batch_size)
+    save_config(cfg, out / "config.yaml")
     latents = prepare_latents(cfg, out / "data", False, log)
     described = {preset: describe(replace(cfg.model, preset=preset), latents) for preset in sizes}
     rows = []
