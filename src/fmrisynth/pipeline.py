@@ -130,13 +130,6 @@ def _latent_shape(cfg: Config) -> tuple[int, ...]:
     return (cfg.data.clip_len, cfg.vae.latent_channels, *(s // cfg.vae.downsample for s in get_grid(cfg.data.grid).shape))
 
 
-def _latent_shape(cfg: Config) -> tuple[int, ...]:
-    """(T, c, d, h, w) of the latents ``cfg`` will make: a clip's frames, the VQ-GAN's channels and grid."""
-    from fmrisynth.data.grid import get_grid
-
-    return (cfg.data.clip_len, cfg.vae.latent_channels, *(s // cfg.vae.downsample for s in get_grid(cfg.data.grid).shape))
-
-
 def _steps_for(budget: str, gflops: float, batch_size: int) -> int:
     """A budget of ``N`` steps, or ``<N>flops`` converted with 3 forward-equivalents per sample-step."""
     try:
