@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from einops import rearrange
 
 from fmrisynth.cli import main
 from fmrisynth.config import ModelConfig
@@ -104,6 +105,25 @@ def test_film_and_temporal_blocks_are_the_identity_at_init_and_conditioned_after
     c[1] += 1.0
     out = block(x[:1].expand(2, -1, -1, -1, -1), c)
     assert not torch.allclose(out[0], out[1])  # the embedding's scale and shift reach the output
+
+
+@pytest.mark.parametrize("dilation, frames", [(1, 5), (2, 4), (4, 3)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last_3d])
+def test_temporal_conv_computes_the_conv1d_over_frames_at_every_voxel(dilation, frames, layout):
+    """The Conv2d-on-a-view form gives the per-voxel Conv1d's output and gradients, in either layout."""
+    block = trained_like(TemporalConv(6, cond_dim=5, dilation=dilation))
+    x = torch.randn(2 * frames, 6, 3, 4, 2).contiguous(memory_format=layout).requires_grad_()  # (B*T, C, d, h, w)
+    c = torch.randn(2 * frames, 5)
+    out = block(x, c, frames)
+    scale, shift = block.film(c)[:, :, None, None, None].chunk(2, dim=1)
+    h = torch.nn.functional.silu(block.norm(x) * (scale + 1) + shift)
+    h = rearrange(h, "(b t) c d h w -> (b d h w) c t", t=frames)  # the reference: one sequence per voxel
+    ref = x + rearrange(block.conv(h), "(b d h w) c t -> (b t) c d h w", d=3, h=4, w=2)
+    assert torch.allclose(out, ref, atol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, block.conv.weight])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, block.conv.weight])
+    for g, r in zip(grads, ref_grads):
+        assert torch.allclose(g, r, atol=1e-4, rtol=1e-4)
 
 
 def test_label_embedder_has_a_null_row_and_design_tokens_see_the_timing():

