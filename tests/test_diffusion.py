@@ -178,3 +178,21 @@ def test_untrained_v_model_scores_the_white_reference_on_white_data():
     losses = [float(diffusion.loss(model, torch.randn(8, *SHAPE), torch.zeros(8, dtype=torch.long), torch.rand(8, 2)))
               for _ in range(10)]  # fmt: skip
     assert sum(losses) / len(losses) == pytest.approx(diffusion.reference_losses(torch.ones(1))["ref_loss_white"], rel=0.05)
+
+
+@pytest.mark.parametrize("prediction", ["v", "eps"])
+def test_analytic_sampler_keeps_the_variance_of_white_data_where_ddim_loses_it(prediction):
+    """With the exact denoiser of unit white data (zero v; eps = sqrt(1 - a) x_t) over 10 steps,
+    DDIM shrinks every sample (cos of each angle step) while the analytic variance keeps 1."""
+    d = Diffusion(DiffusionConfig(prediction=prediction), null_label=1)
+
+    def exact(x, t, label, design):
+        if prediction == "v":
+            return torch.zeros_like(x)
+        return (1 - d.alpha_bar[t].float()).sqrt().reshape(-1, 1, 1) * x
+
+    label, design = torch.zeros(64, dtype=torch.long), torch.zeros(64, 8)
+    var = {s: d.sample(exact, label, design, (8, 64), steps=10, sampler=s, generator=torch.Generator().manual_seed(0)).var().item()
+           for s in ("ddim", "ddpm", "analytic")}  # fmt: skip
+    assert abs(var["analytic"] - 1) < 0.03
+    assert var["ddim"] < 0.85 and var["ddpm"] < 0.95

@@ -17,6 +17,7 @@ from fmrisynth.cli import main
 from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate.sample import load_denoiser, sample
+from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
 from fmrisynth.models.response import K, ResponseModel
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 from fmrisynth.training.diffusion import design_boxcar, train_diffusion
@@ -45,7 +46,9 @@ def write_stores(root):
         RESPONSE_MAPS[:] = rng.normal(size=(2, K, n_vox)) * np.array([20.0, 0.0, 0.0])[:, None]  # canonical HRF only
         ResponseModel(CONDITIONS, RESPONSE_MAPS.astype(np.float32), np.zeros((0, 2, K, n_vox), np.float32), {},
                       np.ones(n_vox, np.float32)).save(w.tmp / "response.npz")  # fmt: skip
-        codec.CodecNoise(np.full(n_vox, 0.1, np.float32), 0.0).save(w.tmp / "codec_noise.npz")
+        subjects = [f"s{k % 3}" for k in range(12)]
+        for name, e, sd in ((BACKGROUND, n_vox, 0.1), (CODEC_RESIDUAL, n_vox, 0.1), (PRIOR, C * 8, 1.0)):
+            GaussianBackground.fit(sd * rng.normal(size=(12, T, e)), subjects, components=3).save(w.tmp / name)
     return mask
 
 
@@ -158,3 +161,38 @@ def test_user_errors_are_clear_and_write_nothing(run, tmp_path, monkeypatch, cap
         train_diffusion(load_denoiser(run / "run").config, run / "clips", tmp_path / "run2")
     with pytest.raises(FmrisynthError, match="already has checkpoints"):
         train_diffusion(load_denoiser(run / "run").config, run / "latents", run / "run")
+
+
+def _volumes(paths):
+    return np.stack([nib.load(p).get_fdata() for p in paths])  # (n, D, H, W, T)
+
+
+def test_each_clip_has_its_own_seed_whatever_n_the_batch_or_the_condition(run, tmp_path):
+    """Clip k comes from (seed, condition, k): no two seeds or conditions share a clip, n and the batch do not matter."""
+    nine = _volumes(sample(run / "run", "MOTOR:rh", 9, tmp_path / "nine", seed=0, steps=2))
+    one = _volumes(sample(run / "run", "MOTOR:rh", 1, tmp_path / "one", seed=8, steps=2))
+    assert not np.allclose(nine[8], one[0]) and not np.allclose(nine[0], one[0])  # seed + k is not another clip
+    three = _volumes(sample(run / "run", "MOTOR:rh", 3, tmp_path / "three", seed=0, steps=2, batch_size=1))
+    np.testing.assert_allclose(three, nine[:3], atol=1e-4)  # the first three, made one at a time
+    other = _volumes(sample(run / "run", "WM:2bk_faces", 1, tmp_path / "wm", seed=0, steps=2))
+    a, b = nine[0].ravel(), other[0].ravel()
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.5  # two conditions, one seed: their own backgrounds
+
+
+def test_gaussian_generator_samples_clips_without_a_network(run, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("the Gaussian generator must not load the denoiser")
+
+    import fmrisynth.generate.sample as gen_sample
+
+    monkeypatch.setattr(gen_sample, "load_denoiser", no_network)
+    paths = sample(run / "run", "WM:2bk_faces", 3, tmp_path / "g", onset_s=0.0, duration_s=2.0, kind="gaussian")
+    sidecar = json.loads(Path(str(paths[0]).replace("_bold.nii.gz", "_bold.json")).read_text())
+    assert sidecar["generator"] == "gaussian"
+    mask = nib.load(paths[0]).get_fdata()[..., 0] != 0
+    x = np.hstack([design_regressors([0.0], [2.0], T, TR, HRF_BASIS), np.ones((T, 1))])  # (T, K + 1)
+    for p in paths:  # the background is the fitted Gaussian, the task the response model's maps
+        beta = np.linalg.lstsq(x, nib.load(p).get_fdata()[mask].T, rcond=None)[0]
+        assert np.corrcoef(beta[0], RESPONSE_MAPS[1, 0])[0, 1] > 0.9
+    with pytest.raises(FmrisynthError, match="unknown generator"):
+        sample(run / "run", "WM:2bk_faces", 1, tmp_path / "x", kind="gan")

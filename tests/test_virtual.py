@@ -5,6 +5,7 @@ The tiny stage-2 run and stand-in VQ-GAN of test_diffusion_stage2 are reused; th
 is rewritten with one subject component, so that generated subjects differ in their maps.
 """
 
+import dataclasses
 import json
 import warnings
 
@@ -161,8 +162,8 @@ def test_bad_designs_are_one_line_naming_the_file_and_write_nothing(model, tmp_p
 def test_existing_runs_and_models_without_a_response_are_refused(runs, model, tmp_path, monkeypatch):
     with pytest.raises(FmrisynthError, match="already holds sub-synth01/func/sub-synth01_task-motor_run-1"):
         sample_runs(model["run"], model["root"] / "design.tsv", TR, FRAMES, runs, task="motor")
-    noise = codec.latent_extras  # a stage2.response: none model has no response model
-    monkeypatch.setattr(codec, "latent_extras", lambda store: (None, noise(store)[1]))
+    extras = codec.latent_extras  # a stage2.response: none model has no response model
+    monkeypatch.setattr(codec, "latent_extras", lambda store: dataclasses.replace(extras(store), response=None))
     with pytest.raises(FmrisynthError, match="trained with stage2.response: none"):
         sample_runs(model["run"], model["root"] / "design.tsv", TR, FRAMES, tmp_path / "none")
     assert not (tmp_path / "none").exists() or not any((tmp_path / "none").rglob("*"))

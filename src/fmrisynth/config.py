@@ -105,7 +105,7 @@ class DiffusionConfig:
     num_steps: int = 1000
     cond_drop: float = 0.05  # probability of the null condition during training (for CFG)
     guidance: float = 2.0
-    sampler: str = "ddim"  # "ddpm" or "ddim"
+    sampler: str = "ddim"  # "ddpm", "ddim" or "analytic" (keeps the variance of near-white data: models/diffusion.py)
     sample_steps: int = 50
 
 
@@ -115,8 +115,14 @@ class Stage2Config:
 
     response: str = "hrf"  # "hrf": diffuse clip - task response (models/response.py); "none": whole clips
     response_rank: int = 4  # principal components of subjects' response maps
-    codec_noise: bool = True  # add back a noise model of what the VQ-GAN drops (generate/codec.py)
-    noise_clips: int = 32  # training clips whose reconstructions fit that noise model
+    # "gaussian": the denoiser diffuses latents whitened by a Gaussian model of the train latents
+    # (models/background.py, PriorGrad): untrained, it generates that Gaussian; "none": white prior
+    prior: str = "gaussian"
+    background_components: int = 50  # principal directions of each Gaussian background model
+    background_clips: int = 256  # train clips (at most) that fit the voxel and latent Gaussian models
+    prior_clips: float = 10.0  # a subject's time covariances are shrunk to the pool with this many clips' weight
+    codec_noise: bool = True  # add back a Gaussian model of what the VQ-GAN drops (generate/codec.py)
+    noise_clips: int = 48  # training clips whose reconstructions fit that model
 
 
 @dataclass
@@ -341,7 +347,12 @@ def validate(cfg: Config) -> Config:
     _require(f.weighting in ("plain", "min-snr"), "diffusion.weighting", "plain or min-snr", f.weighting)
     _require(cfg.stage2.response in ("hrf", "none"), "stage2.response", "hrf or none", cfg.stage2.response)
     _require(cfg.stage2.response_rank >= 0, "stage2.response_rank", ">= 0", cfg.stage2.response_rank)
-    _require(cfg.stage2.noise_clips >= 1, "stage2.noise_clips", ">= 1", cfg.stage2.noise_clips)
+    _require(cfg.stage2.noise_clips >= 2, "stage2.noise_clips", ">= 2", cfg.stage2.noise_clips)
+    _require(cfg.stage2.prior in ("gaussian", "none"), "stage2.prior", "gaussian or none", cfg.stage2.prior)
+    _require(cfg.stage2.background_components >= 1, "stage2.background_components", ">= 1",
+             cfg.stage2.background_components)  # fmt: skip
+    _require(cfg.stage2.background_clips >= 2, "stage2.background_clips", ">= 2", cfg.stage2.background_clips)
+    _require(cfg.stage2.prior_clips >= 0, "stage2.prior_clips", ">= 0", cfg.stage2.prior_clips)
     _validate_train(cfg.vae_train, "vae_train")
     _validate_train(cfg.train, "train")
     return cfg

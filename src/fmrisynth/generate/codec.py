@@ -4,10 +4,12 @@
 (T, c, d, h, w) float16, the same manifest rows in the same order, and per-channel latent mean/std
 over the train split for the diffusion stage to normalise with). With ``response="hrf"`` it first
 fits the task response model on the train clips (models/response.py) and encodes each clip minus
-its subject's response: stage 2 then diffuses what the task does not explain. It also fits
-``CodecNoise``, a model of what the VQ-GAN drops (clip - decode(encode(clip)): about 38 % of the
-variance on the demo, white in time), so that generation can add it back. Both files live inside
-the latent store: ``response.npz`` and ``codec_noise.npz``.
+its subject's response: stage 2 then diffuses what the task does not explain. It also fits three
+Gaussian background models (models/background.py), kept inside the latent store as ``Extras``:
+``background.npz`` (clip - response in voxels: the training-free Gaussian generator),
+``latent_prior.npz`` (the normalised residual latents: the diffusion's prior) and
+``codec_residual.npz`` (clip - decode(encode(clip)), what the VQ-GAN drops: about 38 % of the
+variance on the demo, structured in space and time, added back to decoded clips).
 
 ``decode`` maps generated latents back to volumes; ``reconstruct_store`` writes decoded clips as a
 clip store, so that ``fmrisynth evaluate`` measures what decoding alone loses (the ``codec``
@@ -26,6 +28,7 @@ import torch
 from fmrisynth.config import Stage2Config
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
 from fmrisynth.models.response import ResponseModel
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.training.loop import default_device, load_checkpoint
@@ -69,62 +72,6 @@ def _provenance(vqgan_checkpoint: Path, clips: ClipStore) -> dict:
     }
 
 
-@dataclass
-class CodecNoise:
-    """Gaussian noise shaped like what the VQ-GAN drops: per-voxel sd, spatially smooth, white in time.
-
-    Estimated as fmrisim estimates its noise (Ellis et al., 2020): the per-voxel variance of the
-    reconstruction residual, and its smoothness from the correlation of neighbouring voxels. For
-    white noise blurred by a Gaussian of sd ``sigma`` voxels that correlation is exp(-1/(4 sigma^2)).
-    ``codec_noise.npz`` is written and read here only.
-    """
-
-    sd: np.ndarray  # (V,) in-mask voxels
-    sigma_vox: float  # Gaussian smoothing, in voxels (0: white in space)
-
-    @classmethod
-    def fit(cls, residuals: np.ndarray, mask: np.ndarray) -> "CodecNoise":
-        """From reconstruction residuals (N, D, H, W) of N frames, zero outside ``mask``."""
-        sd = residuals[:, mask].std(0)  # (V,)
-        rhos = []
-        for axis in (1, 2, 3):
-            a, b = [np.take(residuals, range(k, residuals.shape[axis] - 1 + k), axis=axis) for k in (0, 1)]
-            both = np.take(mask[None], range(0, mask.shape[axis - 1] - 1), axis=axis) & np.take(
-                mask[None], range(1, mask.shape[axis - 1]), axis=axis)  # fmt: skip
-            both = np.broadcast_to(both, a.shape)
-            rhos.append(np.corrcoef(a[both], b[both])[0, 1])
-        rho = float(np.clip(np.mean(rhos), 0.0, 0.99))
-        sigma = float(np.sqrt(-1 / (4 * np.log(rho)))) if rho > 0.01 else 0.0
-        return cls(sd.astype(np.float32), sigma)
-
-    def sample(self, frames: int, mask: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Noise (T, V) for the in-mask voxels of ``frames`` frames."""
-        from scipy.ndimage import gaussian_filter
-
-        white = rng.standard_normal((frames, *mask.shape)).astype(np.float32)  # (T, D, H, W)
-        if self.sigma_vox > 0:
-            white = gaussian_filter(white, sigma=(0, *[self.sigma_vox] * 3), mode="wrap")  # stationary: no edges
-            r = int(np.ceil(4 * self.sigma_vox))
-            impulse = np.zeros((2 * r + 1,) * 3, np.float32)
-            impulse[r, r, r] = 1
-            white /= np.sqrt((gaussian_filter(impulse, self.sigma_vox, mode="constant") ** 2).sum())  # unit variance
-        return white[:, mask] * self.sd  # (T, V)
-
-    def save(self, path: Path) -> None:
-        np.savez(path, sd=self.sd, sigma_vox=self.sigma_vox)
-
-    @classmethod
-    def load(cls, path: Path) -> "CodecNoise":
-        try:
-            with np.load(path) as f:
-                noise = cls(f["sd"], float(f["sigma_vox"]))
-        except (OSError, KeyError, ValueError) as e:
-            raise FmrisynthError(f"not a readable codec noise model ({e})", path) from None
-        if not np.isfinite(noise.sd).all():
-            raise FmrisynthError("codec noise model holds non-finite values", path)
-        return noise
-
-
 @torch.no_grad()
 def _per_clip(
     fn, store: ClipStore, indices: np.ndarray, batch: int, progress: bool, desc: str,
@@ -158,9 +105,10 @@ def encode_store(
     Items are the unquantised encoder outputs (T, c, d, h, w); ``decode`` quantises them. The header
     records the checkpoint, the source store, the grid, ``stage2.response`` ("hrf": items encode
     clip - response, "none": whole clips) and the per-channel mean and std of the train split's
-    latents. ``stage2.noise_clips`` train clips (drawn with ``seed``) fit the codec noise model. Stage 2 trains on the
-    train split only, so ``splits=("train",)`` saves the time of encoding held-out clips nothing
-    downstream reads. Returns ``out``.
+    latents. Up to ``stage2.background_clips`` train clips (drawn with ``seed``) fit the voxel and
+    latent Gaussian models, ``stage2.noise_clips`` of them the codec residual model (``Extras``).
+    Stage 2 trains on the train split only, so ``splits=("train",)`` saves the time of encoding
+    held-out clips nothing downstream reads. Returns ``out``.
     """
     clips = require_clip_store(Path(clip_store))
     stage2 = stage2 or Stage2Config()
@@ -172,12 +120,19 @@ def encode_store(
     item_shape = (clips.item_shape[0], c, *(s // f for s in clips.grid_shape))
     meta = {**_provenance(vqgan_checkpoint, clips), "response": response}
     train_rows = clips.indices(split="train")
-    if len(train_rows) == 0:
-        raise FmrisynthError("the clip store has no train split to compute latent statistics on", clips.path)
+    if len(train_rows) < 2:
+        raise FmrisynthError("the clip store needs at least 2 train clips to compute latent statistics on", clips.path)
     fitted = ResponseModel.fit(clips, train_rows, stage2.response_rank) if response == "hrf" else None
+    rng = np.random.default_rng(seed)
+    fit_rows = set(rng.choice(train_rows, min(stage2.background_clips, len(train_rows)), replace=False).tolist())
+    noise_rows = np.sort(rng.choice(train_rows, min(stage2.noise_clips, len(train_rows)), replace=False))
+    voxels, latents = {}, {}  # train clip -> its residual (T, V) float16 / latent (T, c, d, h, w) float16
 
     def residual(i: int, clip: np.ndarray) -> np.ndarray:  # (T, D, H, W) minus the clip's response
-        return clip - clips.unmask(clip_response(fitted, clips, i)) if fitted is not None else clip
+        clip = clip - clips.unmask(clip_response(fitted, clips, i)) if fitted is not None else clip
+        if i in fit_rows and i not in voxels:
+            voxels[i] = clip[:, clips.mask].astype(np.float16)
+        return clip
 
     train = set(train_rows.tolist())
     moments = torch.zeros(3, c, dtype=torch.float64)  # count, sum, sum of squares per channel
@@ -189,21 +144,42 @@ def encode_store(
             if i in train:
                 zc = z16.double().transpose(0, 1).reshape(c, -1)  # (c, T·d·h·w), as stored
                 moments += torch.stack([torch.full((c,), zc.shape[1], dtype=torch.float64), zc.sum(1), zc.pow(2).sum(1)])
+            if i in fit_rows:
+                latents[i] = z16.numpy()
         mean = moments[1] / moments[0]
         std = (moments[2] / moments[0] - mean**2).clamp(min=1e-12).sqrt()
         w.header.update(latent_mean=mean.tolist(), latent_std=std.tolist())
         if fitted is not None:
             fitted.save(w.tmp / "response.npz")
-        picked = np.random.default_rng(seed).choice(train_rows, min(stage2.noise_clips, len(train_rows)), replace=False)
-        dropped = [d for _, d in _per_clip(lambda v: v - model(v)[0], clips, np.sort(picked), batch, False, "", residual)]
-        CodecNoise.fit(torch.cat(dropped)[:, 0].numpy(), clips.mask).save(w.tmp / "codec_noise.npz")  # (N, D, H, W)
+        dropped = dict(_per_clip(lambda v: v - model(v)[0], clips, noise_rows, batch, False, "", residual))
+        subjects = clips.manifest["subject"].astype(str)
+        fit = lambda x, rows: GaussianBackground.fit(  # noqa: E731
+            np.stack([x[i] for i in rows]), subjects.iloc[rows].tolist(), stage2.background_components,
+            stage2.prior_clips, seed=seed)  # fmt: skip
+        rows = sorted(fit_rows & set(latents))
+        fit(voxels, rows).save(w.tmp / BACKGROUND)
+        mu, sd = (v.float().numpy()[:, None, None, None] for v in (mean, std))  # (c, 1, 1, 1): the model's units
+        fit({i: ((latents[i] - mu) / sd).reshape(item_shape[0], -1) for i in rows}, rows).save(w.tmp / PRIOR)  # (T, E)
+        dropped = {i: d[:, 0][:, torch.from_numpy(clips.mask)].numpy() for i, d in dropped.items()}  # (T, V) each
+        fit(dropped, list(noise_rows)).save(w.tmp / CODEC_RESIDUAL)
     return Path(out)
 
 
-def latent_extras(latents: ClipStore) -> tuple[ResponseModel | None, CodecNoise]:
-    """The response model (None for pure diffusion) and codec noise model stored with a latent store."""
+@dataclass
+class Extras:
+    """The models a latent store keeps beside its latents (written by ``encode_store``, read here)."""
+
+    response: ResponseModel | None  # the task response (None for stage2.response: none)
+    background: GaussianBackground  # clip - response in voxels (T, V): the Gaussian generator
+    prior: GaussianBackground  # normalised residual latents (T, c·d·h·w): the diffusion prior
+    codec: GaussianBackground  # clip - decode(encode(clip)) in voxels (T, V): what the VQ-GAN drops
+
+
+def latent_extras(latents: ClipStore) -> Extras:
+    """The response and Gaussian background models stored with a latent store."""
     response = ResponseModel.load(latents.path / "response.npz") if latents.header.get("response") == "hrf" else None
-    return response, CodecNoise.load(latents.path / "codec_noise.npz")
+    load = lambda name: GaussianBackground.load(latents.path / name)  # noqa: E731
+    return Extras(response, load(BACKGROUND), load(PRIOR), load(CODEC_RESIDUAL))
 
 
 @torch.no_grad()

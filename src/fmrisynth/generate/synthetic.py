@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.generate.sample import load_generator, subject_seed
+from fmrisynth.generate.sample import clip_seed, load_generator
 from fmrisynth.models.response import Event
 from fmrisynth.training.diffusion import design_boxcar
 
@@ -39,10 +39,10 @@ class SyntheticClips(Dataset):
         conditions = list(gen.conditions if conditions is None else conditions)
         if n < 1 or not conditions:
             raise FmrisynthError(f"SyntheticClips needs n >= 1 and at least one condition (got n={n}, {conditions})")
-        dcfg = gen.denoiser.config.diffusion
+        dcfg = gen.config.diffusion
         self.steps, self.sampler = steps or dcfg.sample_steps, sampler or dcfg.sampler
         self.guidance = dcfg.guidance if guidance is None else guidance
-        self.seed, self.frames = seed, gen.denoiser.info["latent_shape"][0]
+        self.seed, self.frames = seed, gen.frames
         blocks = {c: gen.blocks(c) for c in dict.fromkeys(conditions)}  # refuses unknown conditions
         self.table = []
         for i in range(n):
@@ -59,7 +59,7 @@ class SyntheticClips(Dataset):
         condition, label, onset, duration, tr = self.table[i]
         design = design_boxcar(torch.tensor([onset]), torch.tensor([duration]), torch.tensor([tr]), self.frames)  # (1, T)
         clip = self.generator.clips(np.array([label]), design.numpy(), [[Event(condition, onset, duration)]],
-                                    np.array([tr]), subject_seed(self.seed, i), self.steps, self.sampler,
+                                    np.array([tr]), [clip_seed(self.seed, i)], self.steps, self.sampler,
                                     self.guidance)[0]  # fmt: skip  # (T, V)
         volume = np.zeros((self.frames, *self.generator.mask.shape), np.float32)  # (T, D, H, W)
         volume[:, self.generator.mask] = clip

@@ -14,11 +14,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from fmrisynth.config import Config
+from fmrisynth.config import Config, Stage2Config
 from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.models.background import PRIOR, GaussianBackground
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.training.loop import Objective, check_train_config, fit, main_only
@@ -37,25 +39,46 @@ def design_boxcar(onset_s: torch.Tensor, duration_s: torch.Tensor, tr: torch.Ten
 class DiffusionObjective(Objective):
     """Denoising loss on per-channel normalised latent clips, conditioned on label and block design.
 
-    Timesteps, noise and condition dropout come from the run's generator (``Objective.randn`` ...),
-    so a resumed run and N ranks draw exactly what one uninterrupted process would.
+    With a Gaussian prior (``stage2.prior: gaussian``) the clips are whitened by it first, each by
+    its own subject's model (PriorGrad): the zero-initialised network then starts as the prior's
+    exact denoiser. Timesteps, noise and condition dropout come from the run's generator
+    (``Objective.randn`` ...), so a resumed run and N ranks draw exactly what one uninterrupted
+    process would.
     """
 
     config_sections = ("model", "diffusion", "stage2")
 
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, mean: list, std: list, designs: torch.Tensor,
-                 references: dict[str, float]):  # fmt: skip
+                 references: dict[str, float], prior: GaussianBackground | None = None,
+                 subjects: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
-        self.model, self.diffusion, self.references = model, diffusion, references
+        self.model, self.diffusion, self.references, self.prior = model, diffusion, references, prior
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("designs", designs, persistent=False)  # (n items in the store, T)
+        if prior is not None:
+            self.register_buffer("subjects", subjects, persistent=False)  # (n items,) prior subject index
+            self.register_buffer("factors", torch.from_numpy(prior.factors(designs.shape[1])), persistent=False)
 
     def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
         z = (batch["x"] - self.mean[:, None, None, None]) / self.std[:, None, None, None]  # (B, T, c, d, h, w)
+        if self.prior is not None:
+            subjects = self.subjects[batch["index"]]  # (B,)
+            z = self.prior.whiten(z.flatten(2), subjects, self.factors).reshape(z.shape)  # (B, T, c, d, h, w)
         b, d = z.shape[0], self.diffusion
         draws = (self.randint(d.num_steps, b), self.randn(*z.shape), self.rand(b) < d.cfg.cond_drop)
         return d.loss(self.model, z, batch["label"], self.designs[batch["index"]], draws), self.references
+
+
+def load_prior(store: ClipStore, stage2: Stage2Config) -> tuple[GaussianBackground | None, torch.Tensor | None]:
+    """The latent store's Gaussian prior and each item's subject index in it, or (None, None) for a white prior."""
+    if stage2.prior == "none":
+        return None, None
+    if not (store.path / PRIOR).is_file():
+        raise FmrisynthError(f"stage2.prior is gaussian but the latent store has no {PRIOR}; re-run train-vae "
+                             "(or set stage2.prior=none)", store.path)  # fmt: skip
+    prior = GaussianBackground.load(store.path / PRIOR)
+    return prior, torch.from_numpy(prior.index(store.manifest["subject"].astype(str).tolist()))
 
 
 def _latent_store(path: Path) -> ClipStore:
@@ -66,19 +89,25 @@ def _latent_store(path: Path) -> ClipStore:
     return store
 
 
-def element_variance(store: ClipStore, rows) -> torch.Tensor:
-    """Variance of each latent element (T, c, d, h, w) over the clips ``rows``, in normalised units."""
+def element_variance(store: ClipStore, rows, prior: GaussianBackground | None = None,
+                     subjects: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    """Variance of each latent element (T, c, d, h, w) over the clips ``rows``, in the units the model sees.
+
+    Normalised per channel, and whitened by ``prior`` (each clip by its subject's model) when given.
+    """
     c = store.item_shape[1]
+    mean, std = (torch.tensor(store.header[k], dtype=torch.float32).reshape(c, 1, 1, 1) for k in ("latent_mean", "latent_std"))
+    factors = torch.from_numpy(prior.factors(store.item_shape[0])) if prior is not None else None
     total = torch.zeros(store.item_shape, dtype=torch.float64)
     squares = torch.zeros(store.item_shape, dtype=torch.float64)
-    for i in rows:
-        z = torch.from_numpy(store.item(int(i))).double()  # (T, c, d, h, w)
-        total += z
-        squares += z * z
+    for chunk in np.array_split(np.asarray(rows), max(1, len(rows) // 64)):
+        z = (torch.from_numpy(np.stack([store.item(int(i)) for i in chunk])).float() - mean) / std  # (b, T, c, d, h, w)
+        if prior is not None:
+            z = prior.whiten(z.flatten(2), subjects[chunk], factors).reshape(z.shape)
+        total += z.double().sum(0)
+        squares += z.double().pow(2).sum(0)
     n = max(len(rows), 1)
-    var = (squares / n - (total / n) ** 2).clamp(min=0)
-    std = torch.tensor(store.header["latent_std"], dtype=torch.float64).reshape(1, c, 1, 1, 1)
-    return var / std**2
+    return (squares / n - (total / n) ** 2).clamp(min=0)
 
 
 def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False, progress: bool = True) -> Path:
@@ -96,15 +125,17 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
     torch.manual_seed(cfg.seed)
     model = build_denoiser(cfg.model, store.item_shape, len(store.conditions))
     diffusion = Diffusion(cfg.diffusion, len(store.conditions))
-    references = diffusion.reference_losses(element_variance(store, dataset.rows))
+    prior, subjects = load_prior(store, cfg.stage2)
+    references = diffusion.reference_losses(element_variance(store, dataset.rows, prior, subjects))
     objective = DiffusionObjective(model, diffusion, store.header["latent_mean"], store.header["latent_std"], designs,
-                                   references)  # fmt: skip
+                                   references, prior, subjects)  # fmt: skip
     train = m.iloc[dataset.rows]
     info = {
         "latents": str(store.path.resolve()),
         "latent_shape": list(store.item_shape),
         "conditions": store.conditions,
         "response": store.header.get("response", "none"),
+        "prior": cfg.stage2.prior,
         **{k: store.header[k] for k in ("latent_mean", "latent_std", "vqgan_checkpoint", "clip_store")},
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
         **references,
