@@ -60,3 +60,67 @@ def test_damaged_evaluations_and_bad_outputs_are_one_line(evaluation, tmp_path, 
     assert len(err.splitlines()) == 1 and message in err, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary file left behind
     assert case == "out is a directory" or not out.exists()
+
+
+def test_glass_brains_of_a_condition_share_threshold_and_colour_range(evaluation, tmp_path, monkeypatch):
+    from nilearn import plotting
+
+    calls = []
+    original = plotting.plot_glass_brain
+
+    def record(img, **kw):
+        calls.append((kw["title"].split()[0], kw["threshold"], kw["vmax"], kw["vmin"]))
+        return original(img, **kw)
+
+    monkeypatch.setattr(plotting, "plot_glass_brain", record)
+    from fmrisynth.evaluate.report import write_report
+
+    page = write_report(evaluation, tmp_path / "r.html").read_text()
+    assert [kind for kind, *_ in calls[:3]] == ["real", "generated", "reference"]
+    for c in range(len(CONDITIONS)):
+        scales = {tuple(call[1:]) for call in calls[3 * c : 3 * c + 3]}
+        assert len(scales) == 1, scales  # one threshold, one vmax for real, generated and reference
+        (low, high, vmin), = scales
+        assert 0 < low < high and vmin == -high
+    assert "One scale for the real, generated, reference maps" in page
+
+
+def test_a_stronger_generated_map_gets_the_real_maps_scale_not_its_own():
+    from fmrisynth.evaluate.report import brain_scale
+
+    real = np.random.default_rng(0).normal(size=1000)
+    assert brain_scale([real, 2 * real])[1] > brain_scale([real, real])[1] * 1.3  # the strong map raises the shared vmax
+
+
+def test_figures_name_their_units_rates_and_levels(evaluation):
+    from fmrisynth.evaluate.report import _load, _matrices_figure, _pca_figure, _realism_figure, _timecourses_figure, confusion_rates
+
+    m, a = _load(evaluation)
+    assert np.allclose(confusion_rates(np.array([[16, 0], [32, 32]])), [[1, 0], [0.5, 0.5]])  # rows sum to 1
+    matrices = _matrices_figure(a, m)
+    panels = [ax for ax in matrices.axes if ax.get_label() != "<colorbar>"]
+    confusion = panels[2]
+    assert "row-normalised" in confusion.get_title() and "generated clips" in confusion.get_title()
+    assert np.allclose(confusion.images[0].get_array().sum(1), 1.0)
+    assert all(t.get_text().endswith(")") and "(n=" in t.get_text() for t in confusion.get_yticklabels())
+    colourbars = [ax.get_ylabel() for ax in matrices.axes if ax.get_label() == "<colorbar>"]
+    assert colourbars == ["1 - r", "1 - r", "share of the row's clips"]
+    assert [ax.get_ylabel() for ax in _realism_figure(a, m).axes if ax.get_label() == "<colorbar>"] == ["correlation r"] * 3
+    assert all(ax.get_legend() is not None for ax in _pca_figure(a, m).axes)
+    assert m["units"] and all(ax.get_ylabel() == f"ROI mean, {m['units']}" for ax in _timecourses_figure(a, m).axes)
+
+
+def test_report_shows_peers_the_excess_flag_and_wide_tables(evaluation, tmp_path):
+    from fmrisynth.evaluate.report import write_report
+
+    m = json.loads((evaluation / "metrics.json").read_text())
+    m["top1_clip"], m["reference"]["top1_clip"] = 0.91, 0.64
+    bad = tmp_path / "e"
+    shutil.copytree(evaluation, bad)
+    (bad / "metrics.json").write_text(json.dumps(m))
+    gaussian = {**m, "top1_clip": 0.69, "realism": {**m["realism"], "c2st_accuracy": 0.5731}}
+    page = write_report(bad, tmp_path / "r.html", peers={"gaussian": gaussian}).read_text()
+    assert "<td>gaussian</td>" in page and "<th>gaussian</th>" in page and "0.573" in page
+    assert "Misleading excess: top-1 clip" in page
+    assert page.count("<div class='wide'><table>") == page.count("<table>")  # every table scrolls, none is cut off
+    assert write_report(evaluation, tmp_path / "plain.html").read_text().count("gaussian") == 0  # today's signature

@@ -3,8 +3,8 @@
 The real test clips go first (every other set is judged against their maps), then the generated
 clips, then the yardsticks computed by the same code (``references``): real clips of other people,
 the VQ-GAN's reconstructions of those, and on simulated data the simulator's true maps. Memory
-stays bounded by streaming (``passes``). Outputs are written to a temporary sibling directory that
-replaces ``out`` only when everything succeeded:
+stays bounded by streaming (``passes``). Outputs are staged beside ``out`` and published only when
+everything succeeded; in an existing folder they replace their namesakes and nothing else:
 
     metrics.json   the DESIGN.md keys plus per-condition detail
     maps/          real and generated group t maps per condition (NIfTI, the real store's grid)
@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from fmrisynth.evaluate.passes import Pass, halves, map_metrics, stream, task_me
 from fmrisynth.evaluate.realism import (MIN_C2ST_CLIPS, between_clip_ratio, c2st, compare, make_probe,
                                         mean_clip_distance, two_sample_tests)
 from fmrisynth.evaluate.references import codec_set, reference_set, truth_maps
+from fmrisynth.publish import staged
 
 NO_TASK = {"rest"}  # clips without a task block have no activation map
 MIN_RSA_CONDITIONS = 3  # an RDM of C conditions has C(C-1)/2 pairs; a correlation of fewer than 3 means nothing
@@ -274,7 +273,7 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
         "generated": str(generated),
         "notes": notes,
         "not_computed": not_computed,
-        "units": UNITS.get(str(_get_normalise(store)), "store units"),
+        "units": UNITS.get(_normalisation(store), "store units (normalisation not recorded)"),
         "maps": {c: {k: map_name(k, c) for k in ("real", "generated") + (("reference",) if ref_pass else ())}
                  for c in conditions},
     }
@@ -282,33 +281,27 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     fc = {f"fc_{k}": p.realism["fc"] for k, p in (("real", real_pass), ("generated", gen_pass), ("reference", ref_pass))
           if p is not None}
 
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        (tmp / "maps").mkdir(parents=True)
-        for kind, maps in (("real", real_maps), ("generated", gen_maps), ("reference", ref_maps)):
-            if maps is None:
-                continue
-            for c, m in zip(conditions, maps):
-                nib.save(nib.Nifti1Image(store.unmask(m.astype(np.float32)), store.affine), tmp / map_name(kind, c))
-        np.savez_compressed(
-            tmp / "arrays.npz", conditions=np.array(conditions), confusion=confusion, tr=real_pass.tr,
-            onset_real=real_pass.onset_s, onset_generated=gen_pass.onset_s, rdm_real=main["rdm_real"],
-            rdm_generated=main["rdm_other"], **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()}, **fc,
-        )
-        save_config(cfg, tmp / "config.yaml")
-        (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.rename(out)
+    try:  # staged and published whole; in an existing folder only these files change (fmrisynth.publish)
+        with staged(out) as tmp:
+            (tmp / "maps").mkdir()
+            for kind, maps in (("real", real_maps), ("generated", gen_maps), ("reference", ref_maps)):
+                if maps is None:
+                    continue
+                for c, m in zip(conditions, maps):
+                    nib.save(nib.Nifti1Image(store.unmask(m.astype(np.float32)), store.affine), tmp / map_name(kind, c))
+            np.savez_compressed(
+                tmp / "arrays.npz", conditions=np.array(conditions), confusion=confusion, tr=real_pass.tr,
+                onset_real=real_pass.onset_s, onset_generated=gen_pass.onset_s, rdm_real=main["rdm_real"],
+                rdm_generated=main["rdm_other"], **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()}, **fc,
+            )
+            save_config(cfg, tmp / "config.yaml")
+            (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
     except OSError as e:
         raise FmrisynthError(f"cannot write the evaluation ({e.strerror or e})", out) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
-def _get_normalise(store) -> str | None:
+def _normalisation(store) -> str | None:
     """How the store's runs were normalised (``data.normalise`` of the config it was prepared with)."""
     config = store.header.get("config")
     return config.get("data", {}).get("normalise") if isinstance(config, dict) else None
