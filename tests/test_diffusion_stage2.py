@@ -97,7 +97,8 @@ def test_sample_writes_a_bids_dataset_one_run_per_clip_for_evaluation(run, capsy
             "--onset", "0.5", "--duration", "1.0", "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     stem = out / "sub-synth01" / "func" / "sub-synth01_task-WM2bkfaces_run-1"
-    assert sorted(p.name for p in out.iterdir()) == ["dataset_description.json", "sub-synth01", "sub-synth02", "sub-synth03"]
+    assert sorted(p.name for p in out.iterdir()) == [".bidsignore", "config.yaml", "dataset_description.json", "sub-synth01",
+                                                     "sub-synth02", "sub-synth03"]  # fmt: skip
     assert sorted(p.name for p in stem.parent.iterdir()) == [f"{stem.name}_{s}" for s in
                                                             ("bold.json", "bold.nii.gz", "desc-brain_mask.nii.gz", "events.tsv")]  # fmt: skip
     description = json.loads((out / "dataset_description.json").read_text())

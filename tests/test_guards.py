@@ -12,8 +12,9 @@ import pytest
 from fmrisynth import cli
 from fmrisynth.cli import main
 from fmrisynth.config import load_config
-from fmrisynth.data.store import HOST, StoreWriter, remove_stale_temps
+from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import HOST, remove_stale
 
 # The required arguments of each verb that writes, with OUT standing for --out's value.
 VERB_ARGS = {
@@ -219,16 +220,16 @@ def test_stale_store_temporaries_of_dead_processes_are_removed(tmp_path):
     (stale[1] / "data.f16").write_bytes(b"\0" * 64)
     live = tmp_path / f".other.tmp-{HOST}-{os.getppid()}"  # a writer that is still running
     foreign = tmp_path / f".store.tmp-anotherhost-{pid}"  # a shared file system: not ours to judge
-    not_a_store = tmp_path / f".report.tmp-{pid}"  # someone else's temporary
-    for d, name in ((live, "data.f16"), (foreign, "data.f16"), (not_a_store, "page.html")):
+    not_ours = tmp_path / f".report.html.swp-{pid}"  # another program's temporary
+    for d, name in ((live, "data.f16"), (foreign, "data.f16"), (not_ours, "page.html")):
         d.mkdir()
         (d / name).write_bytes(b"x")
-    with pytest.warns(UserWarning, match="removed the temporary store of process"):
+    with pytest.warns(UserWarning, match="removed the temporary output of process"):
         with StoreWriter(tmp_path / "store", (2, 3), np.eye(4), (1, 1, 3), ["a"]) as w:
             w.add(np.zeros((2, 3), np.float32), condition="a", label=0, split="train")
     assert not any(d.exists() for d in stale)
-    assert live.exists() and foreign.exists() and not_a_store.exists() and (tmp_path / "store" / "store.json").is_file()
-    assert remove_stale_temps(tmp_path) == []
+    assert live.exists() and foreign.exists() and not_ours.exists() and (tmp_path / "store" / "store.json").is_file()
+    assert remove_stale(tmp_path) == []
 
 
 def test_prepare_needs_no_network(tmp_path, capsys, monkeypatch, rng):

@@ -360,9 +360,9 @@ def validate(cfg: Config) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically: a temporary file renamed into place)."""
+    from fmrisynth.publish import staged_file
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path

@@ -18,6 +18,7 @@ from typing import Callable
 
 from fmrisynth.config import Config, save_config
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import staged_file
 
 # The demo's time budget: the VQ-GAN gets a fixed share; the diffusion model gets whatever is left
 # after the data stages, less a reserve for sampling, evaluation and the report.
@@ -183,7 +184,6 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         except FmrisynthError:
             continue
     result = {"budget": budget, "rows": rows, "fits": fits}
-    tmp = out / "scaling.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1))
-    tmp.replace(out / "scaling.json")
+    with staged_file(out / "scaling.json") as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     return result

@@ -13,71 +13,26 @@ Layout of a store directory (also used for cached VQ-GAN latents, with ``kind: l
 Clip stores keep only in-mask voxels: an item is (T, V) with V = mask.sum(), and ``clip(i)`` puts it
 back on the grid as (T, D, H, W). Writes go to a temporary sibling directory that is renamed into
 place on success, so a failed or interrupted write never leaves a half-written store; the next
-writer in the same folder removes the temporaries of writers that were killed.
+writer in the same folder removes the temporaries of writers that were killed (``fmrisynth.publish``).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import re
 import shutil
-import socket
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import remove_stale, temp_path
 
 MANIFEST_COLUMNS = [
     "index", "subject", "task", "run", "pe", "condition", "label", "onset_s", "duration_s", "tr",
     "start_frame", "split", "dataset", "source",
 ]  # fmt: skip
 DTYPE = np.dtype("<f2")
-HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
-TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)")  # .<store>.tmp-<host>-<pid>
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):  # another user's process (or we cannot tell): alive
-        return True
-    return True
-
-
-def remove_stale_temps(parent: str | Path) -> list[Path]:
-    """Delete the temporary store directories in ``parent`` left by killed writers; return them.
-
-    A writer names its temporary directory ``.<store>.tmp-<host>-<pid>`` (older versions:
-    ``.<store>.tmp-<pid>``). One is stale when it was made on this host by a process that no longer
-    exists (SIGKILL, power loss) and holds nothing but a store's files; other hosts' temporaries
-    (a shared file system) and live writers are left alone.
-    """
-    removed = []
-    parent = Path(parent)
-    if not parent.is_dir():
-        return removed
-    store_files = {"data.f16", "manifest.tsv", "mask.nii.gz", "store.json", "config.yaml", "response.npz", "codec_noise.npz", "events.tsv"}
-    for entry in parent.iterdir():
-        m = TEMP.fullmatch(entry.name)
-        if not m or m["host"] not in (None, HOST) or int(m["pid"]) == os.getpid() or _alive(int(m["pid"])):
-            continue
-        try:
-            if not entry.is_dir() or entry.is_symlink() or not {f.name for f in entry.iterdir()} <= store_files:
-                continue
-            shutil.rmtree(entry)
-        except OSError:
-            continue
-        warnings.warn(f"{entry}: removed the temporary store of process {m['pid']}, which is gone", stacklevel=3)
-        removed.append(entry)
-    return removed
-
-
 class StoreWriter:
     """Append clips one at a time; ``close()`` publishes the store atomically.
 
@@ -110,8 +65,8 @@ class StoreWriter:
             raise FmrisynthError("output store already exists; choose another --out or remove it", self.out)
         if mask is not None and int(mask.sum()) != item_shape[-1]:
             raise ValueError(f"item_shape {item_shape} does not end in mask.sum()={int(mask.sum())}")
-        remove_stale_temps(self.out.parent)
-        self.tmp = self.out.with_name(f".{self.out.name}.tmp-{HOST}-{os.getpid()}")
+        remove_stale(self.out.parent)
+        self.tmp = temp_path(self.out)
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self.item_shape = tuple(int(s) for s in item_shape)

@@ -20,17 +20,19 @@ In clip mode each clip is a subject and the task label is the condition without 
 (``MOTOR:rh`` -> ``MOTORrh``); the sidecar keeps ``condition``, ``onset_s``, ``duration_s``, ``tr``,
 ``seed`` and ``checkpoint`` for ``evaluate`` (``read_clips``).
 
-Writing is all or nothing: files go to a temporary folder inside ``out`` and are renamed into
-place once every run is written; runs that already exist are refused up front, never overwritten.
+Writing is all or nothing (``fmrisynth.publish``): files are staged beside ``out`` and published
+once every run is written, by one rename for a new dataset; into an existing one (another task)
+each new file is moved in, and nothing already there changes. Runs that already exist are refused
+up front, never overwritten. ``.bidsignore`` keeps ``config.yaml`` (what ``sample`` ran with) out of
+a BIDS validator's way.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import shutil
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +40,7 @@ import numpy as np
 from fmrisynth import __version__
 from fmrisynth.data.design import DesignEvent, design_tsv
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import remove_stale, staged
 
 BIDS_VERSION = "1.9.0"
 CLIP_KEYS = ("condition", "onset_s", "duration_s", "tr")  # what evaluation needs from a clip's sidecar
@@ -101,19 +104,21 @@ class DatasetWriter:
             "GeneratedBy": [{"Name": "fmrisynth", "Version": __version__, "Checkpoint": self.checkpoint,
                              "Description": "synthetic runs: space-time latent diffusion + HRF response model"}],
         }  # fmt: skip
-        self.tmp = self.out / f".tmp-bids-{os.getpid()}"
+        self._stack = ExitStack()
 
     def __enter__(self) -> "DatasetWriter":
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
+        remove_stale(self.out)  # what older versions staged inside the dataset
+        self.tmp = self._stack.enter_context(staged(self.out))
+        try:
+            (self.tmp / "dataset_description.json").write_text(json.dumps(self.description, indent=1))
+            (self.tmp / ".bidsignore").write_text("config.yaml\n")
+        except BaseException as e:
+            self._stack.__exit__(type(e), e, e.__traceback__)
+            raise
         return self
 
-    def __exit__(self, kind, *_) -> None:
-        try:
-            if kind is None:
-                self._commit()
-        finally:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+    def __exit__(self, kind, value, traceback) -> None:
+        self._stack.__exit__(kind, value, traceback)  # publishes the dataset, or deletes it after an error
 
     def add(self, subject: str, task: str, run: np.ndarray, tr: float, events: list[DesignEvent], sidecar: dict) -> Path:
         """One run (T, V) of in-mask voxels, its design and its sidecar extras; returns its final path."""
@@ -138,13 +143,6 @@ class DatasetWriter:
         (self.tmp / f"{stem}_bold.json").write_text(json.dumps(meta, indent=1))
         (self.tmp / f"{stem}_events.tsv").write_text(design_tsv(events))
         return self.out / f"{stem}_bold.nii.gz"
-
-    def _commit(self) -> None:
-        (self.tmp / "dataset_description.json").write_text(json.dumps(self.description, indent=1))
-        for f in sorted(p for p in self.tmp.rglob("*") if p.is_file()):
-            target = self.out / f.relative_to(self.tmp)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            f.replace(target)
 
 
 def bold_files(root: str | Path) -> list[Path]:

@@ -1,0 +1,111 @@
+"""Outputs appear whole or not at all, and what a killed writer leaves is removed by the next one.
+
+One scheme for every output (stores, ``sample``'s BIDS datasets, evaluations, single files): a
+writer stages its output under ``.<name>.tmp-<host>-<pid>`` beside the target and publishes it with
+one rename. Where the target folder already exists and must keep what else is in it (a dataset
+that gains a task, an evaluation folder holding a user's notes), each staged file replaces its
+namesake instead, and nothing else in the folder is touched. Before staging, a writer removes the
+temporaries in the same folder whose process is gone (SIGKILL, power loss): the README's promise
+"temporaries left by a killed process are removed by the next run in the same folder".
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+HOST = re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname()) or "host"
+# .<name>.tmp-<host>-<pid>; without <host>: stores of older versions; .tmp-bids-<pid>: sample's of older versions
+TEMP = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9_.]+)-)?(?P<pid>\d+)|\.tmp-bids-(?P<bids_pid>\d+)")
+
+
+def temp_path(target: str | Path) -> Path:
+    """Where this process stages ``target``: ``.<name>.tmp-<host>-<pid>`` in the same folder."""
+    target = Path(os.path.abspath(target))
+    return target.with_name(f".{target.name}.tmp-{HOST}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (or we cannot tell): alive
+        return True
+    return True
+
+
+def remove_stale(folder: str | Path) -> list[Path]:
+    """Delete the temporaries in ``folder`` left by writers that no longer run; return them.
+
+    Only names of this scheme count, and only those made on this host (a shared file system may
+    hold another machine's live writer) by a process that is gone; live writers are left alone.
+    """
+    removed = []
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = TEMP.fullmatch(entry.name)
+        if not m:
+            continue
+        pid = int(m["pid"] or m["bids_pid"])
+        if m["host"] not in (None, HOST) or pid == os.getpid() or _alive(pid):
+            continue
+        try:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        except OSError:
+            continue
+        warnings.warn(f"{entry}: removed the temporary output of process {pid}, which is gone", stacklevel=3)
+        removed.append(entry)
+    return removed
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Put the staged ``tmp`` in place of ``target``: one rename when ``target`` is absent; else each
+    staged file replaces its namesake in the existing folder, and nothing else there changes."""
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.rename(target)
+        return
+    for f in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
+        dest = target / f.relative_to(tmp)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        f.replace(dest)
+
+
+@contextmanager
+def staged(target: str | Path) -> Iterator[Path]:
+    """A fresh temporary folder to write ``target``'s files into, published when the block succeeds
+    (``publish``) and deleted when it fails; stale temporaries beside ``target`` go first."""
+    target = Path(os.path.abspath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent)
+    tmp = temp_path(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        publish(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def staged_file(target: str | Path) -> Iterator[Path]:
+    """A temporary path to write the single file ``target`` into, renamed over it when the block succeeds."""
+    target = Path(os.path.abspath(target))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(target.parent)
+    tmp = temp_path(target)
+    try:
+        yield tmp
+        tmp.replace(target)
+    finally:
+        tmp.unlink(missing_ok=True)
