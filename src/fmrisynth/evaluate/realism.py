@@ -63,7 +63,7 @@ class Probe:
     parcellation: str
 
 
-def _glasser(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
+def glasser_parcels(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     """Glasser parcel (1..360, 0 = none) of each in-mask voxel, from the labelled surface in our wheel.
 
     A voxel takes the label of its nearest midthickness vertex when that vertex lies within the
@@ -80,7 +80,7 @@ def _glasser(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     return np.where(dist <= limit, asset["vertex_label"][nearest], 0)
 
 
-def _kmeans(mask: np.ndarray, n_parcels: int, seed: int) -> np.ndarray:
+def kmeans_parcels(mask: np.ndarray, n_parcels: int, seed: int) -> np.ndarray:
     """A seeded k-means parcellation of the mask's voxel coordinates (1..K): compact blobs of similar size."""
     from sklearn.cluster import KMeans
 
@@ -105,7 +105,7 @@ def make_probe(mask: np.ndarray, affine: np.ndarray, mni: bool, n_parcels: int, 
         pairs.append(p[:, np.sort(rng.permutation(p.shape[1])[:MAX_PAIRS])])
     pair_voxels = np.unique(np.concatenate(pairs, axis=1))
     pairs = [np.searchsorted(pair_voxels, p) for p in pairs]
-    labels = _glasser(mask, affine) if mni else _kmeans(mask, n_parcels, seed)
+    labels = glasser_parcels(mask, affine) if mni else kmeans_parcels(mask, n_parcels, seed)
     name = "glasser-360" if mni else f"kmeans-{n_parcels}"
     order = rng.permutation(len(labels))  # a random subset of each parcel: the first PARCEL_VOXELS in this order
     first = np.zeros(len(labels), bool)

@@ -1,0 +1,79 @@
+"""Whole-run realism on runs with known answers: AR(1) noise of known rho, one distribution twice."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fmrisynth.evaluate.runs import Run, evaluate_runs, runs_table
+
+EVENTS = pd.DataFrame({"onset": [20.0, 80.0, 140.0], "duration": [15.0, 15.0, 15.0], "trial_type": ["a", "b", "a"]})
+TR, T = 1.0, 240
+
+
+def _ar1_runs(rng, rho, n_runs=3, voxels=400, shared=0.0, offset=100.0, frames=T):
+    """Runs (T, V) of AR(1) noise with lag-1 correlation ``rho``, a ``shared`` global component, a
+    task response, and a scanner-unit offset and scale per voxel (z-scoring must remove them)."""
+    from nilearn.glm.first_level import make_first_level_design_matrix
+
+    task = make_first_level_design_matrix(np.arange(frames) * TR, EVENTS, hrf_model="glover", drift_model=None)[["a", "b"]]
+    runs = []
+    for _ in range(n_runs):
+        x = np.empty((frames, voxels))
+        x[0] = rng.normal(size=voxels) / np.sqrt(1 - rho**2)
+        for t in range(1, frames):
+            x[t] = rho * x[t - 1] + rng.normal(size=voxels)
+        x += shared * x.std() * rng.normal(size=(frames, 1))  # white, so it leaves the autocorrelation alone
+        x += task.to_numpy() @ rng.normal(size=(2, voxels))
+        runs.append(Run((offset + rng.uniform(1, 5, voxels) * x).astype(np.float32), EVENTS, TR))
+    return runs
+
+
+@pytest.mark.parametrize("rho", [0.1, 0.5])
+def test_autocorrelation_of_ar1_runs_is_rho_to_the_lag(rng, rho):
+    # 1200 frames, no drift basis (high-pass below 1/T): only the design and the mean are fitted, and
+    # each fitted slow regressor lowers the autocorrelation by about (1 + rho) / ((1 - rho) T)
+    long = _ar1_runs(rng, rho, n_runs=2, frames=1200)
+    plain = evaluate_runs(long, long, high_pass=0.0005)
+    assert np.allclose(plain["autocorr_real"], rho ** np.arange(1, 6), atol=0.02), plain["autocorr_real"]
+    # 240 frames with the default 0.01 Hz cosine basis: lower, and equally for two sets of one distribution
+    real, gen = _ar1_runs(rng, rho), _ar1_runs(rng, rho)
+    r = evaluate_runs(real, gen)
+    assert np.all(np.array(r["autocorr_real"]) < rho ** np.arange(1, 6) + 0.01)
+    assert r["autocorr_max_diff"] < 0.03 and r["psd_distance"] < 0.03  # one distribution twice: about 0
+    assert r["psd_distance_real_halves"] < 0.04
+    assert r["low_freq_share_ratio"] == pytest.approx(1.0, abs=0.15)
+    assert r["fc_corr"] is None and r["notes"] == ["FC not computed: no parcels given"]
+
+
+def test_different_dynamics_and_global_signal_are_seen(rng):
+    parcels = np.repeat(np.arange(1, 21), 20)  # 20 parcels of 20 voxels
+    real = _ar1_runs(rng, 0.5, shared=0.5)
+    gen = _ar1_runs(rng, 0.05)
+    r = evaluate_runs(real, gen, parcels)
+    assert r["lag1_diff"] == pytest.approx(0.05 - 0.5 / 1.25, abs=0.06)  # the white global part dilutes the real lag 1
+    assert r["psd_distance"] > 0.15 and r["low_freq_share_generated"] < r["low_freq_share_real"] / 2
+    assert r["global_signal_share_real"] > 0.1 > 0.01 > r["global_signal_share_generated"]
+    same = evaluate_runs(real, _ar1_runs(rng, 0.5, shared=0.5), parcels)
+    # the shared part is one series per run, so its spectrum is noisier than the voxels' own: a wider floor
+    assert same["global_signal_share_ratio"] == pytest.approx(1.0, abs=0.2) and same["psd_distance"] < 0.06
+    assert "low-frequency (< 0.05 Hz) power share" in runs_table(r)
+
+
+def test_runs_from_bids_folders(tmp_path, rng):
+    import nibabel as nib
+
+    from fmrisynth.evaluate.runs import compare_folders
+
+    mask = np.zeros((6, 6, 6), bool)
+    mask[1:5, 1:5, 1:5] = True
+    for name, rho in (("real", 0.5), ("generated", 0.2)):
+        for k, run in enumerate(_ar1_runs(rng, rho, n_runs=2, voxels=int(mask.sum()))):
+            func = tmp_path / name / f"sub-{k}" / "func"
+            func.mkdir(parents=True)
+            volume = np.zeros((6, 6, 6, T), np.float32)
+            volume[mask] = run.data.T
+            nib.save(nib.Nifti1Image(volume, np.diag([6.0, 6.0, 6.0, 1.0])), func / f"sub-{k}_task-x_bold.nii.gz")
+            EVENTS.to_csv(func / f"sub-{k}_task-x_events.tsv", sep="\t", index=False)
+            (func / f"sub-{k}_task-x_bold.json").write_text('{"RepetitionTime": 1.0}')
+    r = compare_folders(tmp_path / "real", tmp_path / "generated")
+    assert r["n_real"] == 2 and r["voxels"] == 64 and r["lag1_diff"] < -0.2 and r["fc_corr"] is not None
