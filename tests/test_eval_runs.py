@@ -77,3 +77,21 @@ def test_runs_from_bids_folders(tmp_path, rng):
             (func / f"sub-{k}_task-x_bold.json").write_text('{"RepetitionTime": 1.0}')
     r = compare_folders(tmp_path / "real", tmp_path / "generated")
     assert r["n_real"] == 2 and r["voxels"] == 64 and r["lag1_diff"] < -0.2 and r["fc_corr"] is not None
+
+
+def test_cli_evaluate_runs_writes_runs_json_and_refuses_an_empty_folder_in_one_line(tmp_path, rng, capsys):
+    import json
+
+    from fmrisynth.cli import main
+
+    test_runs_from_bids_folders(tmp_path, rng)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--runs", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "generated"),
+                 "--out", str(out)]) == 0
+    assert "power spectrum distance" in capsys.readouterr().out
+    assert json.loads((out / "runs.json").read_text())["n_generated"] == 2 and [p.name for p in out.iterdir()] == ["runs.json"]
+    (tmp_path / "empty").mkdir()
+    assert main(["evaluate", "--runs", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "empty"),
+                 "--out", str(tmp_path / "e2")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no *_bold.nii.gz runs found" in err

@@ -301,12 +301,20 @@ def _sample(args):
         p.add_argument("--generated", required=True, help="directory of samples, or STORE[:split] (real vs real)"),
         p.add_argument("--reference", help="STORE:split of real clips of other subjects (default: the real store's train)"),
         p.add_argument("--out", type=Path, required=True),
+        p.add_argument("--runs", action="store_true", help="whole runs: --real and --generated are BIDS folders of runs "
+                       "of one design (simulate / sample --events); writes OUT/runs.json"),
     )
 )
 def _evaluate(args):
     from fmrisynth.evaluate.run import evaluate
     from fmrisynth.evaluate.summary import text_table
 
+    if args.runs:
+        from fmrisynth.evaluate.runs import compare_folders, runs_table, write_runs
+
+        result = compare_folders(args.real, args.generated, seed=config_from(args).seed)
+        print(runs_table(result))
+        return print(f"metrics: {write_runs(result, args.out)}")
     m = evaluate(args.real, args.generated, args.out, config_from(args), reference=args.reference)
     print(text_table(m))
     for note in m["notes"]:

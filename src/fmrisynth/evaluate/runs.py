@@ -214,6 +214,28 @@ def compare_folders(real: str | Path, generated: str | Path, seed: int = 0) -> d
     return {**result, "real": str(real), "generated": str(generated), "voxels": int(both.sum())}
 
 
+def write_runs(result: dict, out: str | Path) -> Path:
+    """``out/runs.json`` (strict JSON, NaN as null), written under a temporary name and renamed; returns it."""
+    import contextlib
+    import json
+    import os
+
+    from fmrisynth.evaluate.run import _json_safe
+
+    out = Path(out)
+    path, tmp = out / "runs.json", out / f".runs.json.tmp-{os.getpid()}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(_json_safe(result), indent=1))
+        tmp.replace(path)
+    except OSError as e:
+        raise FmrisynthError(f"cannot write the whole-run evaluation ({e.strerror or e})", out) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    return path
+
+
 def runs_table(result: dict) -> str:
     """The whole-run figures as plain text: real | generated per figure."""
     rows = [(f"autocorrelation lag {k + 1}", a, b)
