@@ -1,4 +1,5 @@
-"""Outputs appear whole or not at all, and what a killed writer leaves is removed by the next one.
+"""Outputs appear whole or not at all, what a killed writer leaves is removed by the next one, and
+the paths an output records stay valid when its folder tree is moved or used from anywhere.
 
 One scheme for every output (stores, ``sample``'s BIDS datasets, evaluations, single files): a
 writer stages its output under ``.<name>.tmp-<host>-<pid>`` beside the target and publishes it with
@@ -7,6 +8,11 @@ that gains a task, an evaluation folder holding a user's notes), each staged fil
 namesake instead, and nothing else in the folder is touched. Before staging, a writer removes the
 temporaries in the same folder whose process is gone (SIGKILL, power loss): the README's promise
 "temporaries left by a killed process are removed by the next run in the same folder".
+
+A file that names another file (a store's dataset root, a latent store's VQ-GAN and clip store,
+``stage2.json``'s stores and VQ-GAN) records it relative to its own folder (``record_path``) and
+reads it back from there (``resolve_recorded``), never from the working directory; absolute paths
+recorded by older versions still resolve.
 """
 
 from __future__ import annotations
@@ -109,3 +115,15 @@ def staged_file(target: str | Path) -> Iterator[Path]:
         tmp.replace(target)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def record_path(path: str | Path, relative_to_file: str | Path) -> str:
+    """``path`` as the file ``relative_to_file`` records it: relative to that file's folder (both
+    resolved), so that a run folder moved or shared with what it names still finds it."""
+    return os.path.relpath(Path(path).resolve(), Path(relative_to_file).resolve().parent)
+
+
+def resolve_recorded(text: str | Path, file: str | Path) -> Path:
+    """The path ``file`` recorded as ``text``: a relative one from ``file``'s folder, an absolute one as it is."""
+    path = Path(text)
+    return path if path.is_absolute() else Path(os.path.normpath(Path(file).resolve().parent / path))

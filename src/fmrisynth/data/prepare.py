@@ -29,6 +29,7 @@ from fmrisynth.data.grid import get_grid
 from fmrisynth.data.nifti import Run, check_affines
 from fmrisynth.data.run_events import REST, write_run_events
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import record_path
 from fmrisynth.tasks import condition_set
 
 SPLITS = ("train", "val", "test")
@@ -163,7 +164,7 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
     trs = sorted({run.tr for run, _ in plans})
     summary = {
         "source": source,
-        "root": str(root),
+        "root": record_path(root, Path(out) / "store.json"),  # relative to store.json (fmrisynth.publish)
         "dataset": runs[0].dataset,
         "runs": len(plans),
         "subjects": len({run.subject for run, _ in plans}),

@@ -18,6 +18,7 @@ import numpy as np
 from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.clips import ClipSet, open_generated, split_spec
+from fmrisynth.publish import resolve_recorded
 
 CHUNK = 32  # frames through the VQ-GAN at once
 
@@ -71,7 +72,7 @@ def codec_set(generated: ClipSet, reference: ClipSet, store: ClipStore) -> tuple
         return None, "the generated clips name no run (no checkpoint in their sidecars)"
     run_info = Path(generated.checkpoints[0]).parent.parent / "stage2.json"
     try:
-        vqgan_checkpoint = Path(json.loads(run_info.read_text())["vqgan_checkpoint"])
+        vqgan_checkpoint = resolve_recorded(json.loads(run_info.read_text())["vqgan_checkpoint"], run_info)
     except (OSError, ValueError, KeyError, TypeError) as e:
         return None, f"cannot read the VQ-GAN of the generating run from {run_info} ({e})"
     import torch  # only when there is a codec to run
@@ -102,17 +103,21 @@ def _reconstruct(model, store: ClipStore, y: np.ndarray) -> np.ndarray:
 def truth_maps(store: ClipStore, conditions: list[str]) -> tuple[np.ndarray | None, str]:
     """The simulator's true condition maps (C, V), averaged over the store's subjects, on its grid.
 
-    ``prepare`` records the dataset root in the store header; a dataset written by ``simulate``
+    ``prepare`` records the dataset root in the store header, relative to store.json (stores of
+    older versions: as given, absolute or from the working directory); a dataset written by ``simulate``
     holds ``simulation.json`` and ``<subject>/truth/<TASK>_<ev>.nii.gz`` on its own grid, which is
     resampled (linearly) onto the store's when they differ. Returns (None, why) for other data.
     """
     import nibabel as nib
 
-    root = Path(store.header.get("summary", {}).get("root", ""))
-    try:
-        simulated = json.loads((root / "simulation.json").read_text()).get("generator") == "fmrisynth simulate"
-    except (OSError, ValueError, AttributeError):
-        simulated = False
+    recorded = store.header.get("summary", {}).get("root", "")
+    for root in dict.fromkeys([resolve_recorded(recorded, store.path / "store.json"), Path(recorded)]):
+        try:
+            simulated = json.loads((root / "simulation.json").read_text()).get("generator") == "fmrisynth simulate"
+        except (OSError, ValueError, AttributeError):
+            simulated = False
+        if simulated:
+            break
     if not simulated:
         return None, "not simulated data (the store's dataset has no simulation.json)"
     subjects = sorted(set(store.manifest["subject"].astype(str)))

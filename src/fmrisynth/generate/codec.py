@@ -31,6 +31,7 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
 from fmrisynth.models.response import ResponseModel
 from fmrisynth.models.vqgan import VQGAN
+from fmrisynth.publish import record_path
 from fmrisynth.training.loop import default_device, load_checkpoint
 from fmrisynth.training.vqgan import require_clip_store
 
@@ -63,11 +64,13 @@ def load_vqgan(checkpoint: Path, mask: np.ndarray | None = None) -> VQGAN:
     return model.eval()
 
 
-def _provenance(vqgan_checkpoint: Path, clips: ClipStore) -> dict:
-    """Header entries saying which checkpoint and store an encoded or reconstructed store came from."""
+def _provenance(vqgan_checkpoint: Path, clips: ClipStore, out: Path) -> dict:
+    """Header entries saying which checkpoint and store the store ``out`` came from (encoded or
+    reconstructed), recorded relative to its store.json (``fmrisynth.publish.record_path``)."""
+    header = Path(out) / "store.json"
     return {
-        "vqgan_checkpoint": str(Path(vqgan_checkpoint).resolve()),
-        "clip_store": str(clips.path.resolve()),
+        "vqgan_checkpoint": record_path(vqgan_checkpoint, header),
+        "clip_store": record_path(clips.path, header),
         "grid": clips.header.get("grid", "x".join(map(str, clips.grid_shape))),
     }
 
@@ -118,7 +121,7 @@ def encode_store(
     model = load_vqgan(vqgan_checkpoint, clips.mask).to(default_device())
     c, f = model.quantizer.codebook.shape[1], model.downsample
     item_shape = (clips.item_shape[0], c, *(s // f for s in clips.grid_shape))
-    meta = {**_provenance(vqgan_checkpoint, clips), "response": response}
+    meta = {**_provenance(vqgan_checkpoint, clips, out), "response": response}
     train_rows = clips.indices(split="train")
     if len(train_rows) < 2:
         raise FmrisynthError("the clip store needs at least 2 train clips to compute latent statistics on", clips.path)
@@ -205,7 +208,7 @@ def reconstruct_store(
     if len(indices) == 0:
         raise FmrisynthError(f"no clips in split {split!r}", clips.path)
     mask = torch.from_numpy(clips.mask)
-    meta = _provenance(vqgan_checkpoint, clips)
+    meta = _provenance(vqgan_checkpoint, clips, out)
     with StoreWriter(out, clips.item_shape, clips.affine, clips.grid_shape, clips.conditions, mask=clips.mask, meta=meta) as w:
         for i, recon in _per_clip(lambda x: model(x)[0], clips, indices, batch, progress, "reconstruct"):
             w.add(recon[:, 0][:, mask].numpy(), **clips.manifest.iloc[i].to_dict())  # (T, V)

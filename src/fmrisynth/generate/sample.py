@@ -49,6 +49,7 @@ from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.models.response import Event, ResponseModel
 from fmrisynth.models.vqgan import VQGAN
+from fmrisynth.publish import resolve_recorded
 from fmrisynth.training.diffusion import RUN_INFO, design_boxcar
 from fmrisynth.training.loop import autocast, default_device, latest_checkpoint, load_checkpoint
 
@@ -101,6 +102,7 @@ def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = No
     ckpt = load_checkpoint(path)
     try:
         info = json.loads(info_file.read_text())
+        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
         shape, conditions = info["latent_shape"], info["conditions"]
         [info[k] for k in ("latent_mean", "latent_std", "vqgan_checkpoint", "clip_store", "blocks")]
     except (ValueError, KeyError, TypeError) as e:
@@ -239,6 +241,7 @@ def load_generator(checkpoint: str | Path, device: str | torch.device | None = N
     info_file = (run if (run / RUN_INFO).is_file() else latest_checkpoint(run).parent.parent) / RUN_INFO
     try:
         info = json.loads(info_file.read_text())
+        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
         latents, clip_store = ClipStore(info["latents"]), ClipStore(info["clip_store"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FmrisynthError(f"run description is damaged or incomplete ({e})", info_file) from None

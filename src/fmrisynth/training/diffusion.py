@@ -23,6 +23,7 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import PRIOR, GaussianBackground
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
+from fmrisynth.publish import record_path, resolve_recorded
 from fmrisynth.training.loop import Objective, check_train_config, fit, main_only
 
 RUN_INFO = "stage2.json"
@@ -131,12 +132,14 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
                                    references, prior, subjects)  # fmt: skip
     train = m.iloc[dataset.rows]
     info = {
-        "latents": str(store.path.resolve()),
+        "latents": record_path(store.path, out / RUN_INFO),  # paths relative to stage2.json (fmrisynth.publish)
         "latent_shape": list(store.item_shape),
         "conditions": store.conditions,
         "response": store.header.get("response", "none"),
         "prior": cfg.stage2.prior,
-        **{k: store.header[k] for k in ("latent_mean", "latent_std", "vqgan_checkpoint", "clip_store")},
+        **{k: store.header[k] for k in ("latent_mean", "latent_std")},
+        **{k: record_path(resolve_recorded(store.header[k], store.path / "store.json"), out / RUN_INFO)
+           for k in ("vqgan_checkpoint", "clip_store")},
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
         **references,
     }
