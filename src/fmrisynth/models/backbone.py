@@ -36,6 +36,7 @@ from torch import nn
 
 from fmrisynth.models.blocks import (
     DesignEmbedder,
+    GroupNorm,
     LabelEmbedder,
     ResBlock,
     TemporalConv,
@@ -147,7 +148,7 @@ class Backbone(nn.Module):
         self.ups = nn.ModuleList(nn.Conv3d(widths[i + 1], widths[i], 3, padding=1) for i in range(levels - 1))
         self.fuses = nn.ModuleList(nn.Conv3d(2 * widths[i], widths[i], 1) for i in range(levels - 1))
         self.decoder = nn.ModuleList(stage(i) for i in range(levels - 1))
-        self.out = nn.Sequential(nn.GroupNorm(groups(widths[0]), widths[0]), nn.SiLU(),
+        self.out = nn.Sequential(GroupNorm(groups(widths[0]), widths[0]), nn.SiLU(),
                                  nn.Conv3d(widths[0], channels, 3, padding=1))  # fmt: skip
         nn.init.zeros_(self.out[-1].weight)  # the untrained model predicts zero, as DiT's final layer
         nn.init.zeros_(self.out[-1].bias)

@@ -35,6 +35,20 @@ def groups(channels: int) -> int:
     return math.gcd(32, channels)
 
 
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` that normalises a channels-last input in the standard layout.
+
+    PyTorch's channels-last GroupNorm kernel on the CPU is 2-4x slower than the standard one at
+    the narrow widths of the full-resolution levels (8-36 channels); two layout copies cost less.
+    The parameters, and so checkpoints, are those of ``nn.GroupNorm``.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != "cpu" or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+            return super().forward(x)
+        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+
+
 class TimestepEmbedder(nn.Module):
     """Diffusion timestep (B,) -> (B, dim): sinusoidal features then an MLP (as in DiT)."""
 
@@ -99,10 +113,10 @@ class ResBlock(nn.Module):
 
     def __init__(self, width: int, cond_dim: int):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups(width), width)
+        self.norm1 = GroupNorm(groups(width), width)
         self.conv1 = nn.Conv3d(width, width, 3, padding=1)
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
-        self.norm2 = nn.GroupNorm(groups(width), width, affine=False)
+        self.norm2 = GroupNorm(groups(width), width, affine=False)
         self.conv2 = nn.Conv3d(width, width, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)
         nn.init.zeros_(self.conv2.bias)
@@ -166,7 +180,7 @@ class TemporalConv(nn.Module):
 
     def __init__(self, width: int, cond_dim: int, kernel: int = 3, dilation: int = 1):
         super().__init__()
-        self.norm = nn.GroupNorm(groups(width), width)
+        self.norm = GroupNorm(groups(width), width)
         self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * width))
         self.conv = nn.Conv1d(width, width, kernel, padding=dilation * (kernel // 2), dilation=dilation)
         nn.init.zeros_(self.conv.weight)
