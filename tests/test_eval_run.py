@@ -78,6 +78,14 @@ def test_evaluate_a_faithful_generator(tmp_path, store, rng):
     assert m["hrf_corr_mean"] > 0.8 and m["ceiling"]["split_by"] == "subject" and m["ceiling"]["top1_map"] == 1.0
     assert not m["memorisation"]["flagged"]
     assert set(m["pca"]["real"]) == {"subject", "pe", "task"} and m["pca"]["real"]["task"] > 0
+    r = m["realism"]  # evaluation v3: every figure with its reference twin, intervals around the estimate
+    for key in ("c2st_accuracy", "c2st_quadratic", "c2st_stats"):
+        lo, hi = r[f"{key}_ci"]
+        assert 0 <= lo <= r[key] <= hi <= 1
+    twins = ("c2st_reference", "c2st_reference_ci", "c2st_quadratic_reference", "c2st_quadratic_reference_ci",
+             "c2st_stats_reference", "c2st_stats_reference_ci", "between_clip_variance_ratio_reference",
+             "mean_clip_diff_reference")
+    assert set(twins) <= set(r) and r["between_clip_variance_ratio"] > 0 and r["mean_clip_diff"] >= 0
     on_disk = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert on_disk == m
     img = nib.load(tmp_path / "eval" / m["maps"]["MOTOR:rh"]["generated"])

@@ -114,7 +114,7 @@ def _realism(real: Pass, gen: Pass, ref: Pass | None, ecfg: EvalConfig, seed: in
            "c2st_accuracy_ci": gv["c2st_ci"], **{k: gv[k] for k in V3_KEYS}, "between_clip_variance_real": real_between}
     r, rv = compare(real.realism, ref.realism) if ref is not None else dict.fromkeys(g), v3(ref)
     out.update({"fc_corr_reference": r["fc_corr"], "c2st_reference": rv["c2st"], "c2st_reference_ci": rv["c2st_ci"],
-                **{f"{k}_reference": rv[k] for k in V3_KEYS},
+                **{_twin(k): rv[k] for k in V3_KEYS},
                 "variance_ratio_reference": r["variance_ratio"], "global_signal_ratio_reference": r["global_signal_ratio"],
                 "autocorr_reference": r["autocorr"], "autocorr_max_diff_reference": r["autocorr_max_diff"],
                 "fwhm_reference_mm": r["fwhm_mm"], "parcellation": parcellation,
@@ -128,6 +128,11 @@ def _realism(real: Pass, gen: Pass, ref: Pass | None, ecfg: EvalConfig, seed: in
             reason = f"C2ST ({name}) not computed: {n} clips, fewer than the {MIN_C2ST_CLIPS} per set it needs"
             not_computed.update({f"realism.{k}": reason for k in keys})
     return out, not_computed
+
+
+def _twin(key: str) -> str:
+    """The reference's name for a figure: c2st_stats -> c2st_stats_reference, c2st_stats_ci -> c2st_stats_reference_ci."""
+    return f"{key[:-3]}_reference_ci" if key.endswith("_ci") else f"{key}_reference"
 
 
 def _vs_truth(truth: np.ndarray, p: Pass, conditions: list[str]) -> dict:
