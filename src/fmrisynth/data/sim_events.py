@@ -6,10 +6,11 @@ thermal noise, phase-encoding distortion) and analysed exactly as the generated 
 a raw BIDS dataset, which nilearn's ``first_level_from_bids`` and ``fmrisynth prepare --source
 bids`` read::
 
-    dataset_description.json, simulation.json, config.yaml
+    dataset_description.json, simulation.json, config.yaml, .bidsignore (simulation.json, config.yaml, truth)
     sub-simNNN/func/sub-simNNN_task-NAME_run-K_bold.nii.gz   int16, TR in zooms[3]; K per phase encoding
     sub-simNNN/func/sub-simNNN_task-NAME_run-K_bold.json     RepetitionTime, TaskName, StartTime 0 (frame k
                                                              is the brain at k * TR), PhaseEncodingDirection
+                                                             (i or i-: LR/RL along the image's first axis)
     sub-simNNN/func/sub-simNNN_task-NAME_run-K_events.tsv    the design (data/design.py)
     sub-simNNN/truth/<condition>.nii.gz, brain_mask.nii.gz, design_run-K.tsv   ground truth
 
@@ -30,10 +31,16 @@ import numpy as np
 from fmrisynth import __version__
 from fmrisynth.config import Config
 from fmrisynth.data.design import default_task, design_tsv, read_design
-from fmrisynth.data.simulator import (_check, _pe_index, _regressors, _save, _Subject, staged, trial_gains,
-                                     write_provenance)  # fmt: skip
+from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject, trial_gains, write_provenance
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import staged
 from fmrisynth.tasks import HCP24
+
+
+def pe_direction(pe: str, affine: np.ndarray) -> str:
+    """BIDS ``PhaseEncodingDirection`` of an HCP-style ``LR``/``RL`` run: ``i`` when phase runs from the
+    first axis' index 0 upwards, ``i-`` when downwards; left to right is upwards where that axis points right."""
+    return "i" if (pe == "LR") == (float(affine[0, 0]) > 0) else "i-"
 
 
 def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float | None, frames: int | None,
@@ -81,7 +88,8 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
                 volume, canonical = subject.make(own, list(events), pe, rng, frames, tr)  # (N, T) int16
                 stem = func / f"sub-{name}_task-{task}_run-{r}"
                 _save(sim, volume, stem.with_name(stem.name + "_bold.nii.gz"), tr)
-                sidecar = {"RepetitionTime": tr, "TaskName": task, "StartTime": 0.0, "PhaseEncodingDirection": pe}
+                sidecar = {"RepetitionTime": tr, "TaskName": task, "StartTime": 0.0,
+                           "PhaseEncodingDirection": pe_direction(pe, sim.write_affine)}  # fmt: skip
                 stem.with_name(stem.name + "_bold.json").write_text(json.dumps(sidecar, indent=1))
                 stem.with_name(stem.name + "_events.tsv").write_text(design_tsv(design))
                 canonical.to_csv(truth / f"design_run-{r}.tsv", sep="\t", index=False, float_format="%.6g")
@@ -89,6 +97,7 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
                        "DatasetType": "raw",
                        "GeneratedBy": [{"Name": "fmrisynth simulate", "Version": __version__}]}  # fmt: skip
         (tmp / "dataset_description.json").write_text(json.dumps(description, indent=1))
+        (tmp / ".bidsignore").write_text("simulation.json\nconfig.yaml\nsub-*/truth\n")  # not BIDS: ours
         meta = {"generator": "fmrisynth simulate --events", "seed": cfg.seed, "grid": cfg.sim.grid,
                 "shape": list(sim.shape), "affine": sim.write_affine.tolist(), "tr": tr, "frames": frames,
                 "task": task, "runs": list(cfg.sim.runs), "conditions": list(events), "first_subject": first_subject,
