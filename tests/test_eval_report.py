@@ -110,11 +110,13 @@ def test_figures_name_their_units_rates_and_levels(evaluation):
     assert m["units"] and all(ax.get_ylabel() == f"ROI mean, {m['units']}" for ax in _timecourses_figure(a, m).axes)
 
 
-def test_report_shows_peers_the_excess_flag_and_wide_tables(evaluation, tmp_path):
+def test_report_shows_peers_the_excess_flag_not_computed_figures_and_wide_tables(evaluation, tmp_path):
     from fmrisynth.evaluate.report import write_report
 
     m = json.loads((evaluation / "metrics.json").read_text())
     m["top1_clip"], m["reference"]["top1_clip"] = 0.91, 0.64
+    m["realism"]["c2st_stats_reference"] = None
+    m["not_computed"] = {"realism.c2st_stats_reference": "C2ST (reference) not computed: 6 clips, fewer than the 10"}
     bad = tmp_path / "e"
     shutil.copytree(evaluation, bad)
     (bad / "metrics.json").write_text(json.dumps(m))
@@ -122,5 +124,6 @@ def test_report_shows_peers_the_excess_flag_and_wide_tables(evaluation, tmp_path
     page = write_report(bad, tmp_path / "r.html", peers={"gaussian": gaussian}).read_text()
     assert "<td>gaussian</td>" in page and "<th>gaussian</th>" in page and "0.573" in page
     assert "Misleading excess: top-1 clip" in page
+    assert "<td>n/c</td>" in page and "n/c: C2ST (reference) not computed: 6 clips" in page  # never a number, and why
     assert page.count("<div class='wide'><table>") == page.count("<table>")  # every table scrolls, none is cut off
     assert write_report(evaluation, tmp_path / "plain.html").read_text().count("gaussian") == 0  # today's signature
