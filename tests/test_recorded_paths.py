@@ -69,3 +69,16 @@ def test_a_latent_store_records_its_vqgan_and_clip_store_relative_to_itself(tmp_
     write_stores(tmp_path)
     header = codec._provenance(tmp_path / "vae" / "checkpoints" / "step_1", ClipStore(tmp_path / "clips"), tmp_path / "vae" / "latents")
     assert header["vqgan_checkpoint"] == "../checkpoints/step_1" and header["clip_store"] == "../../clips"
+
+
+def test_samples_moved_with_their_run_still_name_it(tmp_path):
+    from fmrisynth.generate.bids import DatasetWriter, read_clips
+
+    ckpt = tmp_path / "first" / "run" / "checkpoints" / "step_000001"
+    clip = {"condition": "MOTOR:rh", "onset_s": 0.0, "duration_s": 1.0, "tr": 1.0}
+    for subject in ("synth01", "synth02"):  # the second run adds to the dataset the first one wrote
+        with DatasetWriter(tmp_path / "first" / "samples", [(subject, "MOTORrh")], np.eye(4), np.ones((2, 2, 2), bool), ckpt) as w:
+            w.add(subject, "MOTORrh", np.zeros((3, 8), np.float32), 1.0, [], clip)
+    shutil.move(tmp_path / "first", tmp_path / "second")
+    _, _, checkpoints = read_clips(tmp_path / "second" / "samples")
+    assert checkpoints == [str(tmp_path / "second" / "run" / "checkpoints" / "step_000001")]

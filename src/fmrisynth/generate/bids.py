@@ -18,7 +18,8 @@ the mean image is ~0 and nilearn must neither scale by the mean nor guess a mask
 Every generated subject draws its own response maps and background, so each is its own ``sub-``.
 In clip mode each clip is a subject and the task label is the condition without punctuation
 (``MOTOR:rh`` -> ``MOTORrh``); the sidecar keeps ``condition``, ``onset_s``, ``duration_s``, ``tr``,
-``seed`` and ``checkpoint`` for ``evaluate`` (``read_clips``).
+``seed`` and ``checkpoint`` for ``evaluate`` (``read_clips``). The checkpoint is recorded relative to
+the file naming it (``fmrisynth.publish.record_path``), so a run shared with its samples is found.
 
 Writing is all or nothing (``fmrisynth.publish``): files are staged beside ``out`` and published
 once every run is written, by one rename for a new dataset; into an existing one (another task)
@@ -40,7 +41,7 @@ import numpy as np
 from fmrisynth import __version__
 from fmrisynth.data.design import DesignEvent, design_tsv
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.publish import remove_stale, staged
+from fmrisynth.publish import record_path, remove_stale, resolve_recorded, staged
 
 BIDS_VERSION = "1.9.0"
 CLIP_KEYS = ("condition", "onset_s", "duration_s", "tr")  # what evaluation needs from a clip's sidecar
@@ -85,7 +86,7 @@ class DatasetWriter:
     def __init__(self, out: str | Path, runs: list[tuple[str, str]], affine: np.ndarray, mask: np.ndarray,
                  checkpoint: Path, name: str = "fmrisynth synthetic fMRI"):  # fmt: skip
         self.out, self.affine, self.mask = Path(out), np.asarray(affine, float), np.asarray(mask, bool)
-        self.checkpoint = str(Path(checkpoint).resolve())
+        self.checkpoint = Path(checkpoint).resolve()
         taken = [s for s in map(run_stem, *zip(*runs)) if (self.out / f"{s}_bold.nii.gz").exists()] if runs else []
         if taken:
             raise FmrisynthError(f"already holds {taken[0]}_bold.nii.gz ({len(taken)} of these runs); "
@@ -93,7 +94,7 @@ class DatasetWriter:
         description = self.out / "dataset_description.json"
         if description.is_file():
             try:
-                theirs = json.loads(description.read_text())["GeneratedBy"][0].get("Checkpoint")
+                theirs = resolve_recorded(json.loads(description.read_text())["GeneratedBy"][0]["Checkpoint"], description)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise FmrisynthError("is not a dataset written by fmrisynth sample; choose a new --out",
                                      description) from None  # fmt: skip
@@ -101,7 +102,8 @@ class DatasetWriter:
                 raise FmrisynthError(f"holds runs of another checkpoint ({theirs}); choose a new --out", self.out)
         self.description = {
             "Name": name, "BIDSVersion": BIDS_VERSION, "DatasetType": "derivative",
-            "GeneratedBy": [{"Name": "fmrisynth", "Version": __version__, "Checkpoint": self.checkpoint,
+            "GeneratedBy": [{"Name": "fmrisynth", "Version": __version__,
+                             "Checkpoint": record_path(self.checkpoint, description),
                              "Description": "synthetic runs: space-time latent diffusion + HRF response model"}],
         }  # fmt: skip
         self._stack = ExitStack()
@@ -139,7 +141,7 @@ class DatasetWriter:
         nib.save(mask, self.tmp / f"{stem}_desc-brain_mask.nii.gz")
         # frame k is the brain at k * TR (the response model's frame times): nilearn reads slice_time_ref 0 from it
         meta = {"RepetitionTime": float(tr), "TaskName": task, "StartTime": 0.0, "SkullStripped": True, **sidecar,
-                "checkpoint": self.checkpoint}  # fmt: skip
+                "checkpoint": record_path(self.checkpoint, self.out / f"{stem}_bold.json")}  # fmt: skip
         (self.tmp / f"{stem}_bold.json").write_text(json.dumps(meta, indent=1))
         (self.tmp / f"{stem}_events.tsv").write_text(design_tsv(events))
         return self.out / f"{stem}_bold.nii.gz"
@@ -188,5 +190,5 @@ def read_clips(root: str | Path) -> tuple[list[Path], list[dict], list[str]]:
         if not all(isinstance(meta[k], (int, float)) and not isinstance(meta[k], bool) and math.isfinite(meta[k])
                    for k in CLIP_KEYS[1:]):  # fmt: skip
             raise FmrisynthError(f"{', '.join(CLIP_KEYS[1:])} must be finite numbers", sidecar)
-        checkpoints.setdefault(str(meta.get("checkpoint") or ""), None)
+        checkpoints.setdefault(str(resolve_recorded(meta["checkpoint"], sidecar)) if meta.get("checkpoint") else "", None)
     return files, rows, [c for c in checkpoints if c]
