@@ -49,7 +49,7 @@ def test_not_computed_figures_show_nc_and_the_reason_never_a_number():
                          "rsa": "RSA not computed: 2 condition(s)"}
     rows = dict(realism_rows(m))
     assert rows["C2ST linear (0.5 ideal)"][1] == "n/c" and rows["C2ST statistics (0.5 ideal)"][1] == "n/c"
-    assert rows["  95% over resamples"][1] == "n/c"  # the interval goes with its figure
+    assert rows["  95% interval"][1] == "n/c"  # the interval goes with its figure
     assert dict(headline_rows(m))["generated"][1] == "n/c"
     table = text_table(m)
     assert "n/c: C2ST (generated) not computed: 6 clips" in table and "n/c: RSA not computed" in table

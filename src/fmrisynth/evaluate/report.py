@@ -100,7 +100,8 @@ def _realism(a: dict, m: dict, peers: dict[str, dict] | None = None) -> str:
     table = _table(["figure (vs real test)", *realism_columns(peers)], [[name, *values] for name, values in realism_rows(m, peers)])
     how = ("<p class='sub'>C2ST: cross-validated accuracy of a logistic regression telling the set's clips from real test "
            "clips (0.5 = indistinguishable); linear on PCA scores, quadratic on the scores and their squares, statistics on "
-           "per-clip summary statistics; the row under each is the 2.5-97.5 % range over half-sample refits. Between-clip "
+           "per-clip summary statistics; the row under each is its 95 % interval (the spread of refits on random halves "
+           "of both sets, laid around the estimate). Between-clip "
            "variance ratio: total over within-clip variance, relative to real test clips. Mean-clip difference: RMS of the "
            "mean clip's difference from the real one, in real within-clip sd (read against the reference's, which has the "
            f"same clip count). Parcels: {html.escape(str(r.get('parcellation')))}.</p>")

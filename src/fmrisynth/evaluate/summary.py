@@ -71,7 +71,7 @@ def realism_rows(m: dict, peers: dict[str, dict] | None = None) -> list[tuple[st
     """(figure, [real test, generated, *peers, reference]) for every realism figure.
 
     Values are floats, None (not measured), NOT_COMPUTED, or an interval "lo-hi" (the row under a
-    classifier test: the 2.5-97.5 % range of its accuracy over half-sample refits).
+    classifier test: its 95 % interval from half-sample refits, ``two_sample_tests``).
     """
     r = m.get("realism") or {}
     others = [m, *(peers or {}).values()]  # generated figures: ours, then each peer's own
@@ -98,7 +98,7 @@ def realism_rows(m: dict, peers: dict[str, dict] | None = None) -> list[tuple[st
                                       ("C2ST quadratic (0.5 ideal)", "c2st_quadratic", "c2st_quadratic_reference"),
                                       ("C2ST statistics (0.5 ideal)", "c2st_stats", "c2st_stats_reference")):
         rows.append(figure(label, None, key, reference_key))
-        rows.append(figure("  95% over resamples", None, f"{key}_ci", f"{reference_key}_ci",
+        rows.append(figure("  95% interval", None, f"{key}_ci", f"{reference_key}_ci",
                            lambda v: v if v == NOT_COMPUTED else _interval(v)))
     return rows
 
