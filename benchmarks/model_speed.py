@@ -172,7 +172,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--before", metavar="REV", help="also time ours as it was at this git revision")
-    parser.add_argument("--profile", default="", help="comma-separated arms whose top operators are recorded")
+    parser.add_argument("--profile", default="", help="comma-separated presets whose top operators are recorded (at REV too)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     grids = ("6mm", "2mm") if device.type == "cuda" else ("6mm",)
@@ -190,7 +190,7 @@ def main() -> None:
     for arm in arms:
         preset = arm.split("@")[0]
         grid = "2mm" if arm == "monai-237m" else PRESETS[preset].grid if preset in PRESETS else "6mm"
-        r = measure(arm, LATENT_SHAPES[grid], args.batch, args.steps, device, profile=arm in profiled)
+        r = measure(arm, LATENT_SHAPES[grid], args.batch, args.steps, device, profile=preset in profiled)
         rows.append(r)
         print(f"{arm:<24}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>10.3f}"
               f"{r['s_per_clip_sampled']:>10.2f}{r['peak_gib']:>10.2f}")  # fmt: skip

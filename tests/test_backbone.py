@@ -74,6 +74,14 @@ def test_rotary_positions_make_attention_scores_depend_on_offsets_only():
         assert torch.allclose(diag, diag[:1].expand_as(diag), atol=1e-5)
 
 
+def test_rotary_embedding_rotates_each_channel_pair_by_its_angle():
+    x = torch.randn(3, 2, 7, 8)  # (B, heads, N, e)
+    pos = torch.arange(7.0)[:, None] / 10000 ** (torch.arange(0, 8, 2) / 8)  # (N, e/2) angles
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    expected = torch.stack([x1 * pos.cos() - x2 * pos.sin(), x1 * pos.sin() + x2 * pos.cos()], dim=-1).flatten(-2)
+    assert torch.allclose(rope(x), expected, atol=1e-6)
+
+
 def test_untrained_model_predicts_zero_the_direct_path_of_v_prediction():
     model = Backbone(2, n_classes=3, **SMALL)
     x, t, label, design = inputs(2, 4, 2, 4, 4, 4)
