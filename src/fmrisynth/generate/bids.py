@@ -94,7 +94,8 @@ class DatasetWriter:
         description = self.out / "dataset_description.json"
         if description.is_file():
             try:
-                theirs = resolve_recorded(json.loads(description.read_text())["GeneratedBy"][0]["Checkpoint"], description)
+                recorded = json.loads(description.read_text())["GeneratedBy"][0]["Checkpoint"]
+                theirs = resolve_recorded(recorded, description)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError):
                 raise FmrisynthError("is not a dataset written by fmrisynth sample; choose a new --out",
                                      description) from None  # fmt: skip
@@ -190,5 +191,6 @@ def read_clips(root: str | Path) -> tuple[list[Path], list[dict], list[str]]:
         if not all(isinstance(meta[k], (int, float)) and not isinstance(meta[k], bool) and math.isfinite(meta[k])
                    for k in CLIP_KEYS[1:]):  # fmt: skip
             raise FmrisynthError(f"{', '.join(CLIP_KEYS[1:])} must be finite numbers", sidecar)
-        checkpoints.setdefault(str(resolve_recorded(meta["checkpoint"], sidecar)) if meta.get("checkpoint") else "", None)
-    return files, rows, [c for c in checkpoints if c]
+        if isinstance(meta.get("checkpoint"), str) and meta["checkpoint"]:
+            checkpoints.setdefault(str(resolve_recorded(meta["checkpoint"], sidecar)), None)
+    return files, rows, list(checkpoints)
