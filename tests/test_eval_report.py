@@ -126,6 +126,10 @@ def test_report_shows_peers_the_excess_flag_not_computed_figures_and_wide_tables
     gaussian = {**m, "top1_clip": 0.69, "realism": {**m["realism"], "c2st_accuracy": 0.5731}}
     page = write_report(bad, tmp_path / "r.html", peers={"gaussian": gaussian}).read_text()
     assert "<td>gaussian</td>" in page and "<th>gaussian</th>" in page and "0.573" in page
+    from fmrisynth.evaluate.report import _realism_figure
+
+    curves = _realism_figure(np.load(evaluation / "arrays.npz"), m, {"gaussian": gaussian}).axes[0]
+    assert [line.get_label() for line in curves.get_lines()][:4] == ["real", "generated", "reference", "gaussian"]
     assert "Misleading excess: top-1 clip" in page
     assert "<td>n/c</td>" in page and "n/c: C2ST (reference) not computed: 6 clips" in page  # never a number, and why
     assert page.count("<div class='wide'><table>") == page.count("<table>")  # every table scrolls, none is cut off

@@ -105,11 +105,11 @@ def _realism(a: dict, m: dict, peers: dict[str, dict] | None = None) -> str:
            "variance ratio: total over within-clip variance, relative to real test clips. Mean-clip difference: RMS of the "
            "mean clip's difference from the real one, in real within-clip sd (read against the reference's, which has the "
            f"same clip count). Parcels: {html.escape(str(r.get('parcellation')))}.</p>")
-    return table + how + _png(_realism_figure(a, m))
+    return table + how + _png(_realism_figure(a, m, peers))
 
 
-def _realism_figure(a: dict, m: dict):
-    """Autocorrelation curves of every set, then the FC matrix of each (real | generated | reference)."""
+def _realism_figure(a: dict, m: dict, peers: dict[str, dict] | None = None):
+    """Autocorrelation curves of every set and peer, then the FC matrix of each (real | generated | reference)."""
     from matplotlib.figure import Figure
 
     r = m["realism"]
@@ -120,6 +120,9 @@ def _realism_figure(a: dict, m: dict):
         if r.get(f"autocorr_{k}") is not None:
             values = np.array(r[f"autocorr_{k}"], dtype=float)
             ax.plot(np.arange(1, len(values) + 1), values, style, label=k)
+    for k, (name, peer) in enumerate((peers or {}).items()):
+        values = ((peer.get("realism") or {}).get("autocorr_generated")) or []
+        ax.plot(np.arange(1, len(values) + 1), np.array(values, dtype=float), f"C{k + 2}:s", label=name)
     ax.axhline(0, color="0.7", lw=0.8)
     ax.set_xlabel("lag (frames)")
     ax.set_ylabel("autocorrelation of residuals")
