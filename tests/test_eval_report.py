@@ -133,3 +133,16 @@ def test_report_shows_peers_the_excess_flag_not_computed_figures_and_wide_tables
     assert "Misleading excess: top-1 clip" in page
     assert "<td>n/c</td>" in page and "n/c: C2ST (reference) not computed: 6 clips" in page  # never a number, and why
     assert page.count("<div class='wide'><table>") == page.count("<table>")  # every table scrolls, none is cut off
+
+
+def test_cli_report_with_a_peer_and_a_bad_peer_in_one_line(evaluation, tmp_path, capsys, monkeypatch):
+    import fmrisynth.evaluate.report as report
+
+    monkeypatch.setattr(report, "_brains", lambda *args: "")
+    out = tmp_path / "r.html"
+    assert main(["report", "--eval", str(evaluation), "--peer", f"gaussian={evaluation}", "--out", str(out)]) == 0
+    assert "<td>gaussian</td>" in out.read_text()
+    for bad in ("gaussian", f"gaussian={tmp_path}"):
+        assert main(["report", "--eval", str(evaluation), "--peer", bad, "--out", str(tmp_path / "x.html")]) == 1
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and ("NAME=EVAL_DIR" in err or "not an evaluation output" in err), err

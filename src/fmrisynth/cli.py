@@ -328,12 +328,14 @@ def _evaluate(args):
         p.add_argument("--eval", type=Path, required=True, help="output directory of evaluate"),
         p.add_argument("--scaling", type=Path, help="output directory of scale"),
         p.add_argument("--out", type=Path, required=True, help="report.html to write"),
+        p.add_argument("--peer", action="append", metavar="NAME=EVAL_DIR",
+                       help="another generator's evaluation, shown beside the generated clips (repeatable)"),
     )
 )
 def _report(args):
-    from fmrisynth.evaluate.report import write_report
+    from fmrisynth.evaluate.report import load_peers, write_report
 
-    print(f"report: {write_report(args.eval, args.out, args.scaling)}")
+    print(f"report: {write_report(args.eval, args.out, args.scaling, peers=load_peers(args.peer or []))}")
 
 
 @verb("demo", "the whole chain on the embedded simulator, on a laptop")

@@ -320,6 +320,22 @@ def _load(eval_dir: Path) -> tuple[dict, dict]:
     return m, a
 
 
+def load_peers(specs: list[str]) -> dict[str, dict]:
+    """{name: metrics} from ``NAME=EVAL_DIR`` strings (``fmrisynth report --peer``), each checked in one line."""
+    peers = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise FmrisynthError(f"--peer {spec!r}: expected NAME=EVAL_DIR, e.g. gaussian=runs/demo/results/gaussian/eval")
+        try:
+            peers[name] = json.loads((Path(path) / "metrics.json").read_text())
+        except (OSError, ValueError) as e:
+            raise FmrisynthError(f"not an evaluation output ({e}); run `fmrisynth evaluate` first", path) from None
+        if not isinstance(peers[name], dict) or "realism" not in peers[name]:
+            raise FmrisynthError("incomplete evaluation (no 'realism'); run `fmrisynth evaluate` again", path)
+    return peers
+
+
 def write_report(eval_dir: str | Path, out: str | Path, scaling: str | Path | None = None,
                  peers: dict[str, dict] | None = None) -> Path:
     """Render ``eval_dir`` (written by ``evaluate``) to the single HTML file ``out``; returns it.
