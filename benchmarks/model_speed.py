@@ -8,7 +8,7 @@ nearest to it in parameters and the one nearest in GFLOPs, and the table gives o
 over it for each pair. Prints a table and writes benchmarks/results/model_speed.json.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/model_speed.py [--arms tiny,s1m,monai-tiny] [--batch 8]
-        [--steps 5] [--before REV] [--profile tiny,s1m]
+        [--steps 5] [--sample-steps 10] [--before REV] [--profile tiny,s1m]
 
 ``--before REV`` also times ours as the backbone was at git revision REV (models/backbone.py and
 models/blocks.py from that commit) in the same process, just before the current code, so that a
@@ -74,17 +74,17 @@ def build(arm: str, shape: tuple[int, ...]) -> torch.nn.Module:
     return build_denoiser(model_config(arm), shape, n_classes=7)
 
 
-def timed(fn, repeats: int, device: torch.device) -> tuple[float, float]:
-    """Mean wall and process-CPU seconds of ``fn()`` over ``repeats`` calls after two warm-up calls."""
+def timed(fn, repeats: int, device: torch.device, warmup: int = 2) -> tuple[float, float]:
+    """Mean wall and process-CPU seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     wall, cpu = [], []
-    for _ in range(repeats + 2):
+    for _ in range(repeats + warmup):
         t0, c0 = time.perf_counter(), time.process_time()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    return sum(wall[2:]) / repeats, sum(cpu[2:]) / repeats
+    return sum(wall[warmup:]) / repeats, sum(cpu[warmup:]) / repeats
 
 
 def top_ops(fn, n: int = 12) -> list[dict]:
@@ -132,7 +132,7 @@ def measure(arm: str, shape: tuple[int, ...], batch: int, steps: int, device: to
                              cfg.guidance)  # fmt: skip
         model.train()
 
-    (step_s, step_cpu_s), (sample_s, _) = timed(train_step, steps, device), timed(sample_clip, 1, device)
+    (step_s, step_cpu_s), (sample_s, _) = timed(train_step, steps, device), timed(sample_clip, 1, device, warmup=1)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # fmt: skip
     row = {"arm": arm, "latent_shape": list(shape), "batch": batch, "params": count_params(model),
@@ -171,6 +171,7 @@ def main() -> None:
     parser.add_argument("--arms", help="comma-separated presets of ours and of the baseline (default: by device)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--sample-steps", type=int, help="DDIM steps per sampled clip (default: the config's)")
     parser.add_argument("--before", metavar="REV", help="also time ours as it was at this git revision")
     parser.add_argument("--profile", default="", help="comma-separated presets whose top operators are recorded (at REV too)")
     args = parser.parse_args()
@@ -190,7 +191,8 @@ def main() -> None:
     for arm in arms:
         preset = arm.split("@")[0]
         grid = "2mm" if arm == "monai-237m" else PRESETS[preset].grid if preset in PRESETS else "6mm"
-        r = measure(arm, LATENT_SHAPES[grid], args.batch, args.steps, device, profile=preset in profiled)
+        r = measure(arm, LATENT_SHAPES[grid], args.batch, args.steps, device, args.sample_steps,
+                    profile=preset in profiled)  # fmt: skip
         rows.append(r)
         print(f"{arm:<24}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>10.3f}"
               f"{r['s_per_clip_sampled']:>10.2f}{r['peak_gib']:>10.2f}")  # fmt: skip
