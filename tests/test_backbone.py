@@ -8,7 +8,7 @@ from fmrisynth.cli import main
 from fmrisynth.config import ModelConfig
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.backbone import VARIANTS, Backbone
-from fmrisynth.models.blocks import DesignEmbedder, LabelEmbedder, ResBlock, TemporalConv, TransformerBlock, rope
+from fmrisynth.models.blocks import DesignEmbedder, GroupNorm, LabelEmbedder, ResBlock, TemporalConv, TransformerBlock, rope
 from fmrisynth.models.presets import LATENT_SHAPES, PRESETS, build_denoiser, count_params, gflops
 
 SMALL = dict(widths=(8, 16, 16), depths=(1, 1, 1), kinds=("conv", "attn", "attn"), head_dim=8)
@@ -132,6 +132,15 @@ def test_temporal_conv_computes_the_conv1d_over_frames_at_every_voxel(dilation, 
     ref_grads = torch.autograd.grad(ref.square().sum(), [x, block.conv.weight])
     for g, r in zip(grads, ref_grads):
         assert torch.allclose(g, r, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("channels, n_groups", [(8, 8), (18, 2)])
+def test_group_norm_of_channels_last_activations_is_plain_group_norm(channels, n_groups):
+    norm = trained_like(GroupNorm(n_groups, channels))
+    x = torch.randn(4, channels, 3, 4, 5)
+    out = norm(x.contiguous(memory_format=torch.channels_last_3d))
+    assert out.is_contiguous(memory_format=torch.channels_last_3d)  # the next convolution gets its layout
+    assert torch.allclose(out, torch.nn.functional.group_norm(x, n_groups, norm.weight, norm.bias), atol=1e-5)
 
 
 def test_label_embedder_has_a_null_row_and_design_tokens_see_the_timing():
