@@ -9,7 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from fmrisynth.config import load_config
 from fmrisynth.data.run_events import FILE, write_run_events
+from fmrisynth.data.simulator import simulate, trial_gains
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.response import K, Event, ResponseModel, clip_events
@@ -131,6 +133,16 @@ def test_draw_gains_varies_events_only_when_trials_vary():
     gains = np.array([e.amplitude for e in model.draw_gains(events, rng)]) / 2.0
     assert gains.mean() == pytest.approx(1.0, abs=0.05) and gains.std() == pytest.approx(0.25, abs=0.03)
     assert model.draw_gains([Event("b", 0.0, 4.0)], rng) == [Event("b", 0.0, 4.0)]
+
+
+def test_the_simulators_trial_gains(tmp_path):
+    events = {"rh": [(10.0 * k, 4.0) for k in range(500)], "lh": [(5.0, 4.0, 0.5)]}
+    assert trial_gains(events, 0.0, None) is events  # sd 0 draws nothing: runs stay byte-identical
+    gained = trial_gains(events, 0.3, np.random.default_rng(9))
+    gains = np.array([a for _, _, a in gained["rh"]])
+    assert gains.std() == pytest.approx(0.3, abs=0.03) and gained["lh"][0][2] != 0.5
+    with pytest.raises(FmrisynthError, match="trial_sd"):
+        simulate(load_config(None, ["sim.trial_sd=-0.1"]), tmp_path / "sim", progress=False)
 
 
 def test_save_load_round_trip_and_clear_errors(tmp_path):

@@ -189,8 +189,8 @@ class ResponseModel:
         mean_m = pooled[:n_mod].reshape(len(modelled), K, n_vox)
         components, scores = cls._subject_components(subject - mean_m[None], inv_diag, noise_var, rank)
         denoised = mean_m[None] + np.tensordot(scores, components, axes=1)  # (S, Cm, K, V): low-rank subject maps
-        gains = _trial_sd(runs, clips, names, modelled, {s: np.concatenate([denoised[i].reshape(n_mod, n_vox),
-                                                                             full[i][n_mod:]]) for i, s in enumerate(subjects)})  # fmt: skip
+        templates = {s: np.concatenate([denoised[i].reshape(n_mod, n_vox), full[i][n_mod:]]) for i, s in enumerate(subjects)}
+        gains = _trial_sd(runs, clips, names, modelled, templates)
         index = [conditions.index(c) for c in modelled]
         mean = np.zeros((len(conditions), K, n_vox), np.float32)
         mean[index] = mean_m
@@ -355,7 +355,7 @@ def _trial_sd(runs: list[_Run], clips, names: list[str], modelled: list[str], ma
         x, y, frames, q = run.design(clips, names)
         beta = maps[run.subject]
         y = y - x[:, n_mod:] @ beta[n_mod:]  # (F, V): the modelled conditions' responses and the noise
-        n, parts, mine = int(frames[-1]) + 1, [], []
+        n, parts, mine = int(frames[-1]) + 1, [], []  # parts: (regressors (F, K), condition's maps (K, V))
         for e in (e for e in run.events if e.condition in modelled):
             xe = run.regressors([e], n)[frames]  # (F, K)
             peak = np.abs(xe[:, 0])
@@ -363,15 +363,18 @@ def _trial_sd(runs: list[_Run], clips, names: list[str], modelled: list[str], ma
                 continue
             support = np.flatnonzero(peak > 0.1 * peak.max())
             middle = support[len(support) // 2] if len(support) else 0
-            c = slice(modelled.index(e.condition) * K, (modelled.index(e.condition) + 1) * K)
+            c = modelled.index(e.condition)
             xe -= q @ (q.T @ xe)
-            for half in (np.arange(len(frames)) < middle, np.arange(len(frames)) >= middle):
-                parts.append((xe * half[:, None]) @ beta[c])  # (F, V): this half of the event's response at gain 1
+            parts += [(xe * (np.arange(len(frames)) < middle)[:, None], beta[c * K : (c + 1) * K]),
+                      (xe * (np.arange(len(frames)) >= middle)[:, None], beta[c * K : (c + 1) * K])]  # fmt: skip
             mine.append((e.condition, len(support) >= 4))
         if not parts:
             continue
-        flat = np.stack(parts).reshape(len(parts), -1)  # (2E, F*V)
-        gains = np.linalg.lstsq(flat @ flat.T, flat @ y.ravel(), rcond=None)[0].reshape(-1, 2)  # (E, 2)
+        # Least squares of y on the parts' responses x_i @ b_i (F, V), without making them: their inner
+        # products are sums of (x_i' x_j) * (b_i b_j') over K x K.
+        gram = np.array([[np.sum((xi.T @ xj) * (bi @ bj.T)) for xj, bj in parts] for xi, bi in parts])
+        rhs = np.array([np.sum((xi.T @ y) * bi) for xi, bi in parts])
+        gains = np.linalg.lstsq(gram, rhs, rcond=None)[0].reshape(-1, 2)  # (E, 2)
         for (condition, seen), g in zip(mine, gains):
             if seen:  # the clips show enough of its response to split it
                 found.setdefault((k, condition), []).append(g)
