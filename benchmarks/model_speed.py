@@ -11,8 +11,8 @@ over it for each pair. Prints a table and writes benchmarks/results/model_speed.
         [--steps 5] [--sample-steps 10] [--before REV] [--profile tiny,s1m]
 
 ``--before REV`` also times ours as the backbone was at git revision REV (models/backbone.py and
-models/blocks.py from that commit) in the same process, just before the current code, so that a
-speed-up is measured under the same machine load. On a shared machine wall time swings with the
+models/blocks.py from that commit) in the same process. The arms take turns, one training step
+each per round, so that a speed-up is measured under the same machine load. On a shared machine wall time swings with the
 other jobs; each row also gives the process CPU time per step and the load average is recorded.
 ``--profile`` writes the top operators of one training step (torch.profiler) per arm.
 
@@ -100,47 +100,66 @@ def top_ops(fn, n: int = 12) -> list[dict]:
              "self_ms": e.self_cpu_time_total / 1e3, "share": e.self_cpu_time_total / total} for e in rows]  # fmt: skip
 
 
+class Arm:
+    """One arm ready to time: its model (built on ``device`` directly: initialising the largest
+    presets on the CPU first takes longer than timing them), AdamW, random latents and labels, and
+    its training step and one-clip sampling as calls. ``sample_steps`` overrides the config's DDIM steps."""
+
+    def __init__(self, arm: str, shape: tuple[int, ...], batch: int, device: torch.device, sample_steps: int | None = None):
+        torch.manual_seed(0)
+        self.cfg, self.arm, self.shape, self.batch, self.device = Config().diffusion, arm, shape, batch, device
+        self.sample_steps = sample_steps or self.cfg.sample_steps
+        with device:
+            self.model = build(arm, shape)
+        self.diffusion = Diffusion(self.cfg, null_label=7)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4)
+        self.x = torch.randn(batch, *shape, device=device)  # (B, T, c, d, h, w)
+        self.label, self.design = torch.randint(0, 7, (batch,), device=device), torch.rand(batch, shape[0], device=device)
+        self.amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    def train_step(self) -> None:
+        with self.amp:
+            loss = self.diffusion.loss(self.model, self.x, self.label, self.design)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def sample_clip(self) -> None:
+        with self.amp:
+            self.diffusion.sample(self.model.eval(), self.label[:1], self.design[:1], self.shape, self.sample_steps, "ddim",
+                                  self.cfg.guidance)  # fmt: skip
+        self.model.train()
+
+    def row(self, step: tuple[float, float], sample_s: float, profile: bool) -> dict:
+        peak = torch.cuda.max_memory_allocated() / 2**30 if self.device.type == "cuda" else \
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # fmt: skip
+        row = {"arm": self.arm, "latent_shape": list(self.shape), "batch": self.batch, "params": count_params(self.model),
+               "gflops": gflops(self.model, self.shape), "s_per_step": step[0], "cpu_s_per_step": step[1],
+               "s_per_clip_sampled": sample_s, "sample_steps": self.sample_steps, "peak_gib": peak}  # fmt: skip
+        if profile:
+            row["top_ops"] = top_ops(self.train_step)
+        return row
+
+
 def measure(arm: str, shape: tuple[int, ...], batch: int, steps: int, device: torch.device,
             sample_steps: int | None = None, profile: bool = False) -> dict:  # fmt: skip
-    """Seconds per training step, seconds per sampled clip, and peak memory (GiB) of one arm.
-
-    The model is built on ``device`` directly (initialising the largest presets on the CPU first
-    takes longer than timing them). ``sample_steps`` overrides the config's DDIM steps.
-    """
-    torch.manual_seed(0)
-    cfg = Config().diffusion
-    with device:
-        model = build(arm, shape)
-    diffusion = Diffusion(cfg, null_label=7)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x = torch.randn(batch, *shape, device=device)  # (B, T, c, d, h, w)
-    label, design = torch.randint(0, 7, (batch,), device=device), torch.rand(batch, shape[0], device=device)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    """Seconds per training step, seconds per sampled clip, and peak memory (GiB) of one arm on its own."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    a = Arm(arm, shape, batch, device, sample_steps)
+    step, (sample_s, _) = timed(a.train_step, steps, device), timed(a.sample_clip, 1, device, warmup=1)
+    return a.row(step, sample_s, profile)
 
-    def train_step() -> None:
-        with amp:
-            loss = diffusion.loss(model, x, label, design)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
 
-    def sample_clip() -> None:
-        with amp:
-            diffusion.sample(model.eval(), label[:1], design[:1], shape, sample_steps or cfg.sample_steps, "ddim",
-                             cfg.guidance)  # fmt: skip
-        model.train()
-
-    (step_s, step_cpu_s), (sample_s, _) = timed(train_step, steps, device), timed(sample_clip, 1, device, warmup=1)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else \
-        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # fmt: skip
-    row = {"arm": arm, "latent_shape": list(shape), "batch": batch, "params": count_params(model),
-           "gflops": gflops(model, shape), "s_per_step": step_s, "cpu_s_per_step": step_cpu_s,
-           "s_per_clip_sampled": sample_s, "sample_steps": sample_steps or cfg.sample_steps, "peak_gib": peak}  # fmt: skip
-    if profile:
-        row["top_ops"] = top_ops(train_step)
-    return row
+def measure_interleaved(arms: list[tuple[str, tuple[int, ...]]], batch: int, steps: int, device: torch.device,
+                        sample_steps: int | None, profiled: set[str]) -> list[dict]:  # fmt: skip
+    """``measure`` of several arms in turn, one call each per round (two warm-up rounds), so that a
+    change of load on a shared machine hits every arm alike. Peak memory is then the process's."""
+    ready = [Arm(arm, shape, batch, device, sample_steps) for arm, shape in arms]
+    steps_s = [[timed(a.train_step, 1, device, warmup=0) for a in ready] for _ in range(steps + 2)][2:]
+    samples_s = [[timed(a.sample_clip, 1, device, warmup=0)[0] for a in ready] for _ in range(2)][1:]
+    return [a.row((sum(r[i][0] for r in steps_s) / steps, sum(r[i][1] for r in steps_s) / steps), samples_s[0][i],
+                  a.arm.split("@")[0] in profiled) for i, a in enumerate(ready)]  # fmt: skip
 
 
 def pairs(rows: list[dict]) -> list[dict]:
@@ -185,16 +204,20 @@ def main() -> None:
                              text=True).stdout.strip()  # fmt: skip
         arms = [a for arm in arms for a in ([f"{arm}@{rev}"] if arm in PRESETS else []) + [arm]]
     profiled = set(args.profile.split(",")) - {""}
-    rows, load_before = [], os.getloadavg()
+    load_before = os.getloadavg()
     print(f"{'arm':<24}{'params':>10}{'GFLOPs':>10}{'s/step':>10}{'cpu s':>10}{'s/clip':>10}{'peak GiB':>10}"
           f"   batch {args.batch} on {device}, load {load_before[0]:.1f}")  # fmt: skip
-    for arm in arms:
+    def grid(arm: str) -> str:
         preset = arm.split("@")[0]
-        grid = "2mm" if arm == "monai-237m" else PRESETS[preset].grid if preset in PRESETS else "6mm"
-        r = measure(arm, LATENT_SHAPES[grid], args.batch, args.steps, device, args.sample_steps,
-                    profile=preset in profiled)  # fmt: skip
-        rows.append(r)
-        print(f"{arm:<24}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>10.3f}"
+        return "2mm" if arm == "monai-237m" else PRESETS[preset].grid if preset in PRESETS else "6mm"
+
+    shapes = [(arm, LATENT_SHAPES[grid(arm)]) for arm in arms]
+    if device.type == "cpu":  # shared cores: take turns; a GPU is not shared, and could not hold every size at once
+        rows = measure_interleaved(shapes, args.batch, args.steps, device, args.sample_steps, profiled)
+    else:
+        rows = [measure(arm, shape, args.batch, args.steps, device, args.sample_steps, arm in profiled) for arm, shape in shapes]
+    for r in rows:
+        print(f"{r['arm']:<24}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}{r['s_per_step']:>10.3f}{r['cpu_s_per_step']:>10.3f}"
               f"{r['s_per_clip_sampled']:>10.2f}{r['peak_gib']:>10.2f}")  # fmt: skip
     matched = pairs(rows)
     for m in matched:
