@@ -29,7 +29,7 @@ def lag1(x, demean=True):
 
 def test_whitening_is_exact_and_white():
     x, sid = ar1_factor_clips(np.random.default_rng(0))
-    model = GaussianBackground.fit(x, sid, components=8)
+    model = GaussianBackground.fit(x, sid, components=8, gains=False)
     idx = model.index(sid)
     w = model.whiten(torch.from_numpy(x), idx)
     assert torch.allclose(model.color(w, idx), torch.from_numpy(x), atol=1e-3)
@@ -49,6 +49,23 @@ def test_samples_keep_variance_autocorrelation_and_subject_style():
     # the global signal (the frames' mean over space) keeps its variance
     gs = lambda a: a.mean(2).var(1).mean()  # noqa: E731
     assert abs(gs(drawn) / gs(x) - 1) < 0.2
+
+
+def test_clip_gains_are_a_scale_mixture_fitted_and_drawn():
+    """Clips whose amplitude varies from clip to clip (log-variance sd 0.5): tau finds it, draws keep it."""
+    rng = np.random.default_rng(5)
+    x, sid = ar1_factor_clips(rng, subjects=1, scales=(1.0,))
+    x *= np.exp(0.25 * rng.standard_normal(len(x)))[:, None, None].astype(np.float32)
+    spread = lambda a: np.log(a.var(1).mean(1)).std()  # noqa: E731  # of the log within-clip variance
+    model = GaussianBackground.fit(x, sid, components=8)
+    assert abs(model.tau - 0.5) < 0.07  # the gains' own spread, without the Gaussian's sampling noise
+    assert abs(spread(model.sample(20, np.zeros(240, int), rng)) - spread(x)) < 0.1
+    one_gaussian = GaussianBackground.fit(x, sid, components=8, gains=False)
+    assert spread(one_gaussian.sample(20, np.zeros(240, int), rng)) < spread(x) - 0.15  # what one Gaussian misses
+    w = model.whiten(torch.from_numpy(x), np.zeros(240, int))
+    assert spread(w.numpy()) < 0.25 * spread(x)  # each clip's gain (the part of its spread that is gain) divided out
+    plain, _ = ar1_factor_clips(rng, subjects=1, scales=(1.0,))
+    assert GaussianBackground.fit(plain, sid, components=8).tau < 0.1  # a Gaussian's own spread is not gain
 
 
 def test_shrinkage_pulls_a_subject_with_few_clips_to_the_pool():
@@ -83,7 +100,7 @@ def test_save_load_round_trip_and_refusals(tmp_path):
     again = GaussianBackground.load(tmp_path / "bg.npz")
     assert again.subjects == model.subjects
     np.testing.assert_array_equal(again.cov, model.cov)
-    bad = GaussianBackground(model.subjects, model.mean, model.psi * np.nan, model.q, model.s, model.cov)
+    bad = GaussianBackground(model.subjects, model.mean, model.psi * np.nan, model.q, model.s, model.cov, 0.0, 0.0)
     bad.save(tmp_path / "bad.npz")
     with pytest.raises(FmrisynthError, match="non-finite"):
         GaussianBackground.load(tmp_path / "bad.npz")

@@ -70,8 +70,12 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
     return out / "vae" / "latents"
 
 
-def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, log: Callable[[str], None] = print) -> dict:
-    """Sample every condition as often as the held-out set has clips of it; evaluate against them."""
+def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, log: Callable[[str], None] = print,
+                        kind: str = "ours") -> dict:  # fmt: skip
+    """Sample every condition as often as the held-out set has clips of it; evaluate against them.
+
+    ``kind`` "gaussian" samples the run's Gaussian background model instead of the deep generator.
+    """
     from fmrisynth.data.store import ClipStore
     from fmrisynth.evaluate.run import evaluate
     from fmrisynth.generate.sample import sample
@@ -79,27 +83,29 @@ def sample_and_evaluate(cfg: Config, checkpoint: Path, store: Path, out: Path, l
     real = ClipStore(store)
     samples = out / "samples"
     shutil.rmtree(samples, ignore_errors=True)
-    for k, condition in enumerate(real.conditions):
+    for condition in real.conditions:
         n = len(real.indices(split="test", condition=condition))
         if n:
-            sample(
-                checkpoint, condition, n, samples, guidance=cfg.diffusion.guidance, steps=cfg.diffusion.sample_steps,
-                sampler=cfg.diffusion.sampler, seed=cfg.seed + 1000 * k,
-            )
-    log(f"[sample] {len(list(samples.rglob('*_bold.nii.gz')))} clips → {samples}")
+            sample(checkpoint, condition, n, samples, guidance=cfg.diffusion.guidance, steps=cfg.diffusion.sample_steps,
+                   sampler=cfg.diffusion.sampler, seed=cfg.seed, kind=kind)  # fmt: skip
+    log(f"[sample {kind}] {len(list(samples.rglob('*_bold.nii.gz')))} clips → {samples}")
     return evaluate(f"{store}:test", samples, out / "eval", cfg)
 
 
-def metric_table(metrics: dict) -> str:
-    """The closing table (evaluation v2): generated | reference | ceiling | codec | truth rows, the
-    realism figures beside the reference's, and one line naming the figure furthest short of it."""
+def metric_table(metrics: dict, peers: dict[str, dict] | None = None) -> str:
+    """The closing table (evaluation v3): generated | gaussian | reference | ceiling | codec | truth rows,
+    the realism figures beside the real test set's, and one line naming the figure furthest short."""
     from fmrisynth.evaluate.summary import text_table
 
-    return text_table(metrics)
+    return text_table(metrics, peers=peers)
 
 
 def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log: Callable[[str], None] = print) -> dict:
-    """The whole chain on the embedded simulator within about ``minutes`` of wall-clock time."""
+    """The whole chain on the embedded simulator within about ``minutes`` of wall-clock time.
+
+    Beside the deep generator it samples and evaluates the run's Gaussian background model
+    (``results/gaussian/``): the training-free peer that the closing table shows next to it.
+    """
     from fmrisynth.training.diffusion import train_diffusion
     from fmrisynth.evaluate.report import write_report
 
@@ -111,17 +117,22 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
     left = max(1.0, (1 - RESERVE_SHARE) * minutes - (time.perf_counter() - t0) / 60)
     cfg = replace(cfg, train=replace(cfg.train, max_minutes=left))
     _stage("train", out / "diffusion", fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
-    metrics_file = out / "results" / "eval" / "metrics.json"
+    results = out / "results"
 
     def evaluate_into(d: Path) -> None:
+        sample_and_evaluate(cfg, out / "diffusion", out / "store", d / "gaussian", log, kind="gaussian")
         sample_and_evaluate(cfg, out / "diffusion", out / "store", d, log)
-        write_report(d / "eval", d / "report.html")
+        write_report(d / "eval", d / "report.html", peers={"gaussian": _metrics(d / "gaussian")})
 
-    _stage("sample+evaluate", out / "results", fresh, evaluate_into, log)
-    metrics = json.loads(metrics_file.read_text())
-    log("\n" + metric_table(metrics))
-    log(f"\nreport: {out / 'results' / 'report.html'}   ({(time.perf_counter() - t0) / 60:.1f} min)")
+    _stage("sample+evaluate", results, fresh, evaluate_into, log)
+    metrics = _metrics(results)
+    log("\n" + metric_table(metrics, {"gaussian": _metrics(results / "gaussian")}))
+    log(f"\nreport: {results / 'report.html'}   ({(time.perf_counter() - t0) / 60:.1f} min)")
     return metrics
+
+
+def _metrics(results: Path) -> dict:
+    return json.loads((results / "eval" / "metrics.json").read_text())
 
 
 def _latent_shape(cfg: Config) -> tuple[int, ...]:

@@ -67,8 +67,8 @@ class Denoiser:
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, designs: torch.Tensor, steps: int, sampler: str, guidance: float,
-                 generators: list[torch.Generator], subjects: list[str]) -> torch.Tensor:  # fmt: skip
-        """Raw latent clips (B, T, c, d, h, w) for labels (B,), designs (B, T) and prior subjects (B,).
+                 generators: list[torch.Generator], subjects: list[str], zeta: np.ndarray) -> torch.Tensor:  # fmt: skip
+        """Raw latent clips (B, T, c, d, h, w) for labels (B,), designs (B, T), prior subjects and gains zeta (B,).
 
         T is the designs' length: ours runs on any number of frames, the MONAI U-Net on its own.
         """
@@ -79,7 +79,7 @@ class Denoiser:
                                       steps, sampler, guidance, generators)  # fmt: skip  # (B, T, c, d, h, w)
         z = z.float().cpu()
         if self.prior is not None:
-            z = self.prior.color(z.flatten(2), self.prior.index(subjects)).reshape(z.shape)
+            z = self.prior.color(z.flatten(2), self.prior.index(subjects), zeta=torch.as_tensor(zeta)).reshape(z.shape)
         mean, std = (torch.tensor(self.info[k]).reshape(c, 1, 1, 1) for k in ("latent_mean", "latent_std"))
         return z * std + mean
 
@@ -185,25 +185,27 @@ class Generator:
               seeds: list[int], steps: int, sampler: str, guidance: float) -> np.ndarray:  # fmt: skip
         """Clips (B, T, V) of in-mask voxels, for labels (B,), boxcars (B, T), events, TR and a seed per clip.
 
-        Clip b is made from ``seeds[b]`` alone: its diffusion noise (torch), its subject, codec
-        residual and response (numpy), whatever else is in the batch.
+        Clip b is made from ``seeds[b]`` alone: its diffusion noise (torch), its subject and gain
+        (one for every background model), codec residual and response (numpy), whatever else is in
+        the batch.
         """
         rngs = [np.random.default_rng(s) for s in seeds]
         style = self.extras.background if self.denoiser is None else self.extras.prior  # whose subjects to draw
         subjects = [style.subjects[int(style.draw_subjects(1, r)[0])] for r in rngs]
+        zeta = np.array([r.standard_normal() for r in rngs])  # (B,) each clip's gain, shared by its models
         frames = designs.shape[1]
         if self.denoiser is None:
             index = self.extras.background.index(subjects)
-            background = np.concatenate([self.extras.background.sample(frames, index[b : b + 1], r)
+            background = np.concatenate([self.extras.background.sample(frames, index[b : b + 1], r, zeta[b : b + 1])
                                          for b, r in enumerate(rngs)])  # fmt: skip  # (B, T, V)
             return self._add_response(background, events, tr, rngs)
         generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
         z = self.denoiser.generate(torch.as_tensor(labels), torch.as_tensor(designs, dtype=torch.float32), steps,
-                                   sampler, guidance, generators, subjects)  # fmt: skip  # (B, T, c, d, h, w)
-        return self.finish(z, events, tr, rngs, subjects)
+                                   sampler, guidance, generators, subjects, zeta)  # fmt: skip  # (B, T, c, d, h, w)
+        return self.finish(z, events, tr, rngs, subjects, zeta)
 
     def finish(self, z: torch.Tensor, events: list[list[Event]], tr: np.ndarray, rngs: list[np.random.Generator],
-               subjects: list[str]) -> np.ndarray:  # fmt: skip
+               subjects: list[str], zeta: np.ndarray) -> np.ndarray:  # fmt: skip
         """Residual latents (B, T, c, d, h, w) -> clips (B, T, V): decode, + codec residual, + the events' response.
 
         Given the stored latents of real clips instead of generated ones, this is a perfect latent
@@ -216,7 +218,8 @@ class Generator:
                                  self.info["vqgan_checkpoint"]) from None  # fmt: skip
         if self.codec_residual:
             index = self.extras.codec.index(subjects)
-            clips += np.concatenate([self.extras.codec.sample(z.shape[1], index[b : b + 1], r) for b, r in enumerate(rngs)])
+            clips += np.concatenate([self.extras.codec.sample(z.shape[1], index[b : b + 1], r, zeta[b : b + 1])
+                                     for b, r in enumerate(rngs)])  # fmt: skip
         return self._add_response(clips, events, tr, rngs)
 
     def _add_response(self, clips: np.ndarray, events: list[list[Event]], tr: np.ndarray,

@@ -20,7 +20,16 @@ The spatial part A is pooled over subjects (one basis); what differs from subjec
 mean frame and the T x T time covariances of each direction and of the rest (amplitude,
 autocorrelation, global signal), is estimated per subject and shrunk towards the pooled estimate
 with the weight of ``prior_clips`` clips (a conjugate, inverse-Wishart-like posterior mean), so a
-subject with few clips falls back on the pool. ``whiten`` maps x to white noise and ``color`` back,
+subject with few clips falls back on the pool.
+
+Clips also differ in overall amplitude from run to run, far more than within a run (on the demo
+data the log within-clip variance has an sd of 0.35 across runs and 0.08 within one), which no
+single Gaussian reproduces. So each clip carries a gain: x - mu_s = exp(zeta * tau / 2) A y, with
+zeta ~ N(0, 1) per clip (a Gaussian scale mixture) and tau the sd of the clips' log within-clip
+variance around their subject's mean, less what a Gaussian draw varies by itself.
+``whiten`` estimates each clip's gain from the clip itself (its log within-clip variance, shrunk by
+the share of its spread that is gain) and divides it out; ``color`` takes zeta, drawn by the caller, so that several models (the
+latent prior, the codec residual) can give one generated clip one gain. ``whiten`` maps x to white noise and ``color`` back,
 both exactly: A^{-1} = (I + Q diag(g) Q^T) diag(psi)^-1/2 with g = (1 + s^2)^-1/2 - 1 (Woodbury on
 the square root). Clips of another length than the fitted T use a stationary form of each time
 covariance (its biased autocovariance, extended by a Yule-Walker autoregression), so whole runs of
@@ -54,28 +63,57 @@ class GaussianBackground:
     q: np.ndarray  # (E, K) orthonormal low-rank directions in psi^-1/2 units
     s: np.ndarray  # (K,) their singular values
     cov: np.ndarray  # (S + 1, K + 1, T, T) time covariance per subject (last: pooled) of each direction, last: rest
+    tau: float  # sd of the clips' log gains (0: one Gaussian)
+    gain_shrink: float  # share of a clip's log-variance deviation that is gain (the rest is sampling noise)
 
     # ---- fitting ---------------------------------------------------------------------------------------------
     @classmethod
     def fit(cls, clips: np.ndarray, subjects: list[str] | np.ndarray, components: int = 50, prior_clips: float = 10.0,
-            max_frames: int = 8000, seed: int = 0) -> "GaussianBackground":  # fmt: skip
-        """Fit on clips (N, T, E) float32 of the subjects ``subjects`` (N,) (names or ids)."""
+            max_frames: int = 8000, seed: int = 0, gains: bool = True) -> "GaussianBackground":  # fmt: skip
+        """Fit on clips (N, T, E) float32 of the subjects ``subjects`` (N,) (names or ids).
+
+        ``gains`` models each clip's amplitude (the scale mixture). The spread of the clips' log
+        within-clip variance is partly what any Gaussian gives (a draw's own sampling noise, measured on draws of
+        the model fitted without gains); only the excess is gain: tau^2 = spread^2 - noise^2, and
+        each clip's gain is its deviation shrunk by tau^2 / spread^2 (empirical Bayes) before the
+        clips are put on a common gain and the model is fitted again.
+        """
         clips = np.asarray(clips, dtype=np.float32)
         if clips.ndim != 3 or len(clips) < 2 or not np.isfinite(clips).all():
             raise FmrisynthError(f"a background model needs at least 2 finite clips (N, T, E); got {clips.shape}")
-        n, t, e = clips.shape
         names = [str(x) for x in subjects]
         order = sorted(set(names))
         sid = np.array([order.index(x) for x in names])  # (N,)
         counts = np.bincount(sid, minlength=len(order)).astype(np.float64)  # clips per subject
         shrink = counts / (counts + prior_clips)  # weight of a subject's own estimate
-
         pooled_mean = clips.mean((0, 1), dtype=np.float64)  # (E,)
         own = np.stack([clips[sid == i].mean((0, 1), dtype=np.float64) for i in range(len(order))])  # (S, E)
         mean = np.concatenate([shrink[:, None] * own + (1 - shrink[:, None]) * pooled_mean, pooled_mean[None]])
         x = torch.from_numpy(clips) - torch.from_numpy(mean[sid].astype(np.float32))[:, None]  # (N, T, E) centred
 
-        # spatial part: top-K principal directions of the frames, diagonal remainder
+        def deviation(y: torch.Tensor) -> np.ndarray:  # (N,) log within-clip variance around the subject's mean
+            y = y.double()
+            log_var = (y - y.mean(1, keepdim=True)).pow(2).mean((1, 2)).log().numpy()
+            return log_var - (np.bincount(sid, log_var) / counts)[sid]
+
+        plain = cls._fit_centred(x, order, sid, counts, shrink, mean, components, max_frames, seed)
+        if not gains:
+            return plain
+        spread2 = float((deviation(x) ** 2).mean())
+        noise2 = float((deviation(torch.from_numpy(plain.sample(x.shape[1], sid, np.random.default_rng(seed)))
+                                   - torch.from_numpy(mean[sid].astype(np.float32))[:, None]) ** 2).mean())  # fmt: skip
+        tau2 = max(spread2 - noise2, 0.0)
+        gain = deviation(x) * tau2 / spread2 if spread2 > 0 else np.zeros(len(x))  # (N,) shrunk log gains
+        model = cls._fit_centred(x * torch.from_numpy(np.exp(-gain / 2)).float()[:, None, None], order, sid, counts,
+                                 shrink, mean, components, max_frames, seed)  # fmt: skip
+        model.tau, model.gain_shrink = float(np.sqrt(tau2)), tau2 / spread2 if spread2 > 0 else 0.0
+        return model
+
+    @classmethod
+    def _fit_centred(cls, x: torch.Tensor, order: list[str], sid: np.ndarray, counts: np.ndarray, shrink: np.ndarray,
+                     mean: np.ndarray, components: int, max_frames: int, seed: int) -> "GaussianBackground":  # fmt: skip
+        """The Gaussian (no gains) of centred clips x (N, T, E): spatial part, then time covariances."""
+        n, t, e = x.shape
         frames = x.reshape(n * t, e)
         pick = torch.from_numpy(np.random.default_rng(seed).permutation(n * t)[:max_frames])
         sub = frames[pick].double()  # (F, E)
@@ -86,9 +124,8 @@ class GaussianBackground:
         psi = (var - (u**2 * lam).sum(1)).clamp(min=0.05 * var.clamp(min=1e-8))  # (E,)
         qm, s, _ = torch.linalg.svd(u * lam.sqrt() / psi.sqrt()[:, None], full_matrices=False)  # (E, K), (K,)
         model = cls(order, mean.astype(np.float32), psi.float().numpy(), qm.float().numpy(), s.float().numpy(),
-                    np.zeros((len(order) + 1, k + 1, t, t), np.float32))  # fmt: skip
+                    np.zeros((len(order) + 1, k + 1, t, t), np.float32), 0.0, 0.0)  # fmt: skip
 
-        # time covariances of each direction and of the rest, per subject and pooled
         p, r = model._split(model._spatial_inverse(x))  # (N, T, K), (N, T, E)
         own_cov = torch.zeros(len(order), k + 1, t, t, dtype=torch.float64)
         for i in range(len(order)):
@@ -133,28 +170,38 @@ class GaussianBackground:
         return torch.where(idx < 0, torch.full_like(idx, len(self.subjects)), idx)  # POOLED -> the last row
 
     def whiten(self, x: torch.Tensor, subjects, factors: torch.Tensor | None = None) -> torch.Tensor:
-        """Clips x (B, T, E) of subjects (B,) (indices, POOLED allowed) -> white noise (B, T, E)."""
+        """Clips x (B, T, E) of subjects (B,) (indices, POOLED allowed) -> white noise (B, T, E).
+
+        With gains (tau > 0) each clip's own gain, estimated from its mean square, is divided out.
+        """
         rows = self._subject_rows(subjects).to(x.device)
         chol = torch.as_tensor(self.factors(x.shape[1]) if factors is None else factors, device=x.device)[rows]
         p, r = self._split(self._spatial_inverse(x - self._t("mean", x)[rows][:, None]))
         p = torch.linalg.solve_triangular(chol[:, :-1], p.transpose(1, 2)[..., None], upper=False)[..., 0]  # (B, K, T)
         r = torch.linalg.solve_triangular(chol[:, -1], r, upper=False)  # (B, T, E)
-        return p.transpose(1, 2) @ self._t("q", x).T + r
+        w = p.transpose(1, 2) @ self._t("q", x).T + r  # (B, T, E)
+        within = (w - w.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True) * w.shape[1] / max(w.shape[1] - 1, 1)
+        return w * within.pow(-self.gain_shrink / 2)  # the clip's own gain out (white: within-clip variance 1)
 
-    def color(self, w: torch.Tensor, subjects, factors: torch.Tensor | None = None) -> torch.Tensor:
-        """White noise w (B, T, E) -> clips (B, T, E) of subjects (B,): the inverse of ``whiten``."""
+    def color(self, w: torch.Tensor, subjects, factors: torch.Tensor | None = None,
+              zeta: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+        """White noise w (B, T, E) -> clips (B, T, E) of subjects (B,), with gains exp(zeta tau / 2) (zeta (B,),
+        standard normal; None: the common gain). With zeta = 0 the inverse of ``whiten`` for a clip of that gain."""
         rows = self._subject_rows(subjects).to(w.device)
         chol = torch.as_tensor(self.factors(w.shape[1]) if factors is None else factors, device=w.device)[rows]
         p, r = self._split(w)
         p = (chol[:, :-1] @ p.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # (B, T, K)
-        y = p @ self._t("q", w).T + chol[:, -1] @ r  # (B, T, E)
-        return self._spatial(y) + self._t("mean", w)[rows][:, None]
+        x = self._spatial(p @ self._t("q", w).T + chol[:, -1] @ r)  # (B, T, E)
+        if zeta is not None:
+            x = x * torch.exp(torch.as_tensor(zeta, dtype=x.dtype, device=x.device) * self.tau / 2)[:, None, None]
+        return x + self._t("mean", w)[rows][:, None]
 
-    def sample(self, frames: int, subjects, rng: np.random.Generator) -> np.ndarray:
-        """Clips (B, frames, E) float32 of subjects (B,), drawn with ``rng``."""
+    def sample(self, frames: int, subjects, rng: np.random.Generator, zeta: np.ndarray | None = None) -> np.ndarray:
+        """Clips (B, frames, E) float32 of subjects (B,), drawn with ``rng`` (gains too, unless ``zeta`` (B,) is given)."""
         subjects = np.asarray(subjects)
         w = torch.from_numpy(rng.standard_normal((len(subjects), frames, self.psi.shape[0]), dtype=np.float32))
-        return self.color(w, subjects).numpy()
+        zeta = rng.standard_normal(len(subjects)) if zeta is None else zeta
+        return self.color(w, subjects, zeta=torch.as_tensor(zeta)).numpy()
 
     def draw_subjects(self, n: int, rng: np.random.Generator) -> np.ndarray:
         """Indices (n,) of training subjects, drawn uniformly: a generated clip takes one subject's style."""
@@ -166,16 +213,18 @@ class GaussianBackground:
 
     # ---- file ------------------------------------------------------------------------------------------------
     def save(self, path: str | Path) -> None:
-        np.savez(path, subjects=np.array(self.subjects), mean=self.mean, psi=self.psi, q=self.q, s=self.s, cov=self.cov)
+        np.savez(path, subjects=np.array(self.subjects), mean=self.mean, psi=self.psi, q=self.q, s=self.s, cov=self.cov,
+                 tau=self.tau, gain_shrink=self.gain_shrink)  # fmt: skip
 
     @classmethod
     def load(cls, path: str | Path) -> "GaussianBackground":
         try:
             with np.load(path) as f:
-                model = cls([str(x) for x in f["subjects"]], f["mean"], f["psi"], f["q"], f["s"], f["cov"])
+                model = cls([str(x) for x in f["subjects"]], f["mean"], f["psi"], f["q"], f["s"], f["cov"], float(f["tau"]),
+                            float(f["gain_shrink"]))  # fmt: skip
         except (OSError, KeyError, ValueError) as e:
             raise FmrisynthError(f"not a readable background model ({e})", path) from None
-        if not all(np.isfinite(a).all() for a in (model.mean, model.psi, model.q, model.s, model.cov)):
+        if not all(np.isfinite(a).all() for a in (model.mean, model.psi, model.q, model.s, model.cov, model.tau)):
             raise FmrisynthError("background model holds non-finite values", path)
         return model
 
