@@ -163,7 +163,7 @@ class Backbone(nn.Module):
         # channels-last from here on: oneDNN runs the narrow (8-64 channel) 3D convolutions 2x faster
         # in it, temporal convolutions and tokenisation read it without a copy (blocks.TemporalConv)
         x = rearrange(x, "b t c d h w -> (b t) c d h w").contiguous(memory_format=torch.channels_last_3d)
-        h = self.stem(x)  # (B*T, w0, d, h, w)  # (B*T, w0, d, h, w)
+        h = self.stem(x)  # (B*T, w0, d, h, w)
         skips = []
         for i, stage in enumerate(self.encoder):
             h = stage(h, c, ctx, frames)  # (B*T, w_i, d_i, h_i, w_i)

@@ -45,11 +45,10 @@ class GroupNorm(nn.GroupNorm):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        narrow = self.num_channels // self.num_groups < 4
-        if x.device.type != "cpu" or not narrow or not x.is_contiguous(memory_format=torch.channels_last_3d) \
-                or x.is_contiguous():  # fmt: skip
-            return super().forward(x)
-        return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+        channels_last = x.is_contiguous(memory_format=torch.channels_last_3d) and not x.is_contiguous()
+        if x.device.type == "cpu" and channels_last and self.num_channels // self.num_groups < 4:
+            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last_3d)
+        return super().forward(x)
 
 
 class TimestepEmbedder(nn.Module):
