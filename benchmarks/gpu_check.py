@@ -8,17 +8,19 @@ Writes benchmarks/results/gpu_<device>.json (e.g. gpu_h100.json) with
   4x downsampling per axis and its 4 latent channels: (T, c, d, h, w) = (20, 4, 24, 28, 24));
 * ``speed``: per preset s38m ... s463m and the MONAI baseline at matched size (monai-237m, matched
   in parameters to s237m): seconds per training step (loss, backward, AdamW, bf16 autocast),
-  clips/s, model TFLOP per step, MFU, seconds per sampled clip and peak memory
+  clips/s, model TFLOP per step, MFU, seconds per sampled clip (the denoiser's ``--sample-steps``
+  guided DDIM steps, linear in them; VQ-GAN decoding not included) and peak memory
   (torch.cuda.max_memory_allocated over training and sampling). MFU is nanoGPT's estimate_mfu:
   model FLOPs per step / step time / peak, where a step costs 3 forward passes (forward + backward)
   and a forward pass is what ``presets.gflops`` counts (FlopCounterMode, attention included). A size
   that runs out of memory is retried at half the batch (``oom_batches`` lists the ones that failed);
   any other failure becomes ``{"arm": ..., "error": ...}`` and the script goes on;
 * ``pure_training``: ``fmrisynth``'s own chain on a small simulated 2 mm dataset (2 subjects, the
-  MOTOR task, one LR run each: 20 clips), a VQ-GAN trained for 1 minute to encode it (so the latents
-  are real encodings, if rough ones), then s38m in the pure mode (``stage2.response: none``) for 2
-  minutes, with its loss curve against ``ref_loss_gaussian`` (the expected loss of the best
-  denoiser of independent Gaussian latents; below it, the model has learnt structure).
+  MOTOR task, one LR run each, every condition: about 40 clips, all for training), a VQ-GAN trained
+  for 1 minute to encode it (so the latents are real encodings, if rough ones), then s38m in the
+  pure mode (``stage2.response: none``) for 2 minutes (batch 4, lr 3e-4), with its loss curve
+  against ``ref_loss_gaussian`` (the expected loss of the best denoiser of independent Gaussian
+  latents; below it, the model has learnt structure).
 
 Usage, on a machine with one GPU (about 6-8 minutes; see README "Scale and speed")::
 
@@ -140,7 +142,8 @@ def pure_training(overrides: list[str], work: Path, minutes: float | None, steps
 
     limit = [f"train.max_minutes={minutes}"] if minutes else []
     cfg = load_config(overrides=[*overrides, "stage2.response=none", f"train.steps={steps}", "train.log_every=10",
-                                 "train.ckpt_every=100000", "train.lr=3e-4", "train.warmup_steps=50", *limit])  # fmt: skip
+                                 "train.ckpt_every=100000", "train.batch_size=4", "train.lr=3e-4", "train.warmup_steps=50",
+                                 *limit])  # fmt: skip
     t0 = time.perf_counter()
     latents = prepare_latents(cfg, work, fresh=True, log=print)
     data_s = time.perf_counter() - t0
