@@ -10,9 +10,11 @@ and analyses both the same way, with the README's ``first_level_from_bids`` argu
 
 * designs: ``motor_run`` (seen: the MOTOR:rh blocks of a real MOTOR schedule), ``blocks_6s`` (unseen:
   6 s blocks of three conditions; training blocks last 12-30 s), ``event_related`` (unseen: 1 s
-  events, jittered 2-6 s gaps), ``mixed`` (unseen: 12 s blocks and 1 s events of three conditions);
-* per condition: r of the group z map (mean over subjects of nilearn z maps) with the real group
-  map (the same GLM on the demo's real held-out MOTOR/WM/... runs, test-split subjects) and with the
+  events, jittered 2-6 s gaps), ``mixed`` (unseen: 12 s blocks and 1 s events of three conditions),
+  ``heldout_mixed`` (unseen, fixed before the response model v2 was measured and never tuned on:
+  16 s LANGUAGE:story and SOCIAL:mental blocks with 2 s MOTOR:rh events between them);
+* per condition: r of the generated group z map (mean over subjects of nilearn z maps) with the
+  simulated one of the same design (``r_sim``), and r of each group z map with the real group map (the same GLM on the demo's real held-out MOTOR/WM/... runs, test-split subjects) and with the
   response model's canonical map; top-1 among the run's conditions and among all seven; ROI (top
   5 % of the real map) time course against the design's HRF regressor;
 * lag-1 autocorrelation at the start, middle and end of the runs (one pass: no seams to hide, but a
@@ -21,6 +23,15 @@ and analyses both the same way, with the README's ``first_level_from_bids`` argu
 
 Targets (issue 13): 284 frames in <= 60 s on 2 cores; top-1 correct for every condition; map r
 with the real group map >= 0.9 x the simulated run's. JSON: benchmarks/results/virtual_experiments.json.
+
+``--response FILE`` generates with another response model (``response.npz``) in place of the run's
+own, and ``--fit-response`` first fits one on the demo's store (with the events of its runs: the
+store's events.tsv, or the demo's sim/ EVs for a store prepared before that file existed) and
+writes it there: the task is the response model's (the denoiser makes the task-free background),
+so two response models compare on one trained denoiser. ``--background simulated`` needs no
+trained denoiser: a generated run is the simulator's background of new people (simulator subjects
+41.., ``sim.task_amplitude=0``), z-scored, plus the response model's prediction through a drawn
+subject: the response model alone, against a background as real as the yardstick's.
 """
 
 from __future__ import annotations
@@ -31,15 +42,20 @@ import os
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from fmrisynth.config import load_config
+from fmrisynth.data.hcp import find_runs
+from fmrisynth.data.run_events import FILE, RunEvent
 from fmrisynth.data.design import DesignEvent, design_tsv
 from fmrisynth.data.sim_events import simulate_design
 from fmrisynth.data.store import ClipStore
+from fmrisynth.generate import codec
 from fmrisynth.generate.sample import find_run, load_generator, sample_runs
+from fmrisynth.models.response import Event, ResponseModel
 from fmrisynth.tasks import HCP_TR, PARADIGMS, design_regressors
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -73,7 +89,51 @@ def make_designs(seed: int, run_s: float) -> dict[str, tuple[str, list[DesignEve
     mixed = ["EMOTION:fear", "GAMBLING:win", "SOCIAL:mental"]
     items = [(c, 12.0) for c in mixed for _ in range(2)] + [(c, 1.0) for c in mixed for _ in range(4)]
     designs["mixed"] = ("unseen", sequence(items, (3.0, 7.0), 4.0))
+    held = [(c, 16.0) for c in ("LANGUAGE:story", "SOCIAL:mental") for _ in range(3)] + [("MOTOR:rh", 2.0)] * 6
+    designs["heldout_mixed"] = ("unseen", sequence(held, (4.0, 8.0), 4.0))
     return designs
+
+
+def use_response(demo: Path, path: Path | None, fit: bool) -> ResponseModel | None:
+    """Make every generator loaded from now on use the response model at ``path`` (fitted first if ``fit``)."""
+    if path is None:
+        return None
+    if fit:
+        store = ClipStore(demo / "store")
+        events = None
+        if not (store.path / FILE).is_file():  # a store prepared before events.tsv: the runs' EVs
+            events = {(r.subject, r.task, r.run): sorted(RunEvent(c, o, d) for c, items in r.events.items() for o, d in items)
+                      for r in find_runs(demo / "sim")}  # fmt: skip
+        t0 = time.perf_counter()
+        rank = load_config(demo / "config.yaml", []).stage2.response_rank
+        ResponseModel.fit(store, store.indices(split="train"), rank, events).save(path)
+        print(f"fitted the response model in {time.perf_counter() - t0:.0f} s -> {path}", flush=True)
+    model, extras = ResponseModel.load(path), codec.latent_extras
+    codec.latent_extras = lambda latents: replace(extras(latents), response=model)
+    return model
+
+
+def response_runs(model: ResponseModel, design: list[DesignEvent], events_file: Path, cfg, out: Path, task: str,
+                  mask: np.ndarray, seed: int) -> None:  # fmt: skip
+    """``--background simulated``: the design's runs as simulated background of new people, z-scored per
+    voxel as prepare does, plus the response model's prediction through a freshly drawn subject."""
+    import nibabel as nib
+
+    quiet = replace(cfg, sim=replace(cfg.sim, task_amplitude=0.0))
+    simulate_design(quiet, out, events_file, HCP_TR, FRAMES, task, first_subject=40, progress=False)
+    rng = np.random.default_rng(seed)
+    events = [Event(e.condition, e.onset_s, e.duration_s, e.modulation) for e in design]
+    for bold in sorted(out.glob("sub-*/func/*_bold.nii.gz")):
+        img = nib.load(bold)
+        data = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, T)
+        x = data[mask].T  # (T, V)
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6)
+        x += model.predict(events, HCP_TR, FRAMES, model.maps(model.draw_subjects(1, rng)[0]))
+        data[:] = 0
+        data[mask] = x.T
+        header = img.header.copy()
+        header.set_data_dtype(np.float32)
+        nib.save(nib.Nifti1Image(data, img.affine, header), bold)
 
 
 # --- analysis -----------------------------------------------------------------------------------
@@ -165,7 +225,7 @@ def analyse(zs: list[dict], runs: list, design: list[DesignEvent], real: dict, r
         mine = [e for e in design if e.condition == c]
         hrf = design_regressors([e.onset_s for e in mine], [e.duration_s for e in mine], len(runs[0]), tr)[:, 0]
         course = np.mean([((r - r.mean(0)) / (r.std(0) + 1e-6))[:, roi].mean(1) for r in runs], 0)
-        out[c] = {"r_real": r_all[c], "r_response": corr(group, response[c]), "response_vs_real": corr(response[c], real[c]),
+        out[c] = {"r_real": r_all[c], "group": group, "r_response": corr(group, response[c]), "response_vs_real": corr(response[c], real[c]),
                   "top1_run": max(present, key=r_all.get) == c, "top1_all": max(r_all, key=r_all.get) == c,
                   "roi_hrf_r": corr(course, hrf)}  # fmt: skip
     lags = [lag1(r) for r in runs]
@@ -185,14 +245,28 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="smoke test: one design, one subject")
     p.add_argument("--out", type=Path, default=RESULTS / "virtual_experiments.json")
     p.add_argument("--real-cache", type=Path, help="an .npz to keep the real group maps in between runs")
+    p.add_argument("--response", type=Path, help="generate with this response.npz instead of the run's own")
+    p.add_argument("--fit-response", action="store_true", help="fit --response on the demo's store first")
+    p.add_argument("--designs", help="comma-separated subset of the designs")
+    p.add_argument("--background", choices=["denoiser", "simulated"], default="denoiser",
+                   help="what a generated run's background is: the trained denoiser's, or the simulator's (no training)")
     args = p.parse_args()
     import torch
 
     torch.set_num_threads(int(os.environ.get("FMRISYNTH_THREADS", "2")))
-    gen = load_generator(args.demo)
-    mask_img = str(ClipStore(args.demo / "store").path / "mask.nii.gz")
-    conditions = gen.conditions
-    response = {c: gen.response.mean[k, 0] for k, c in enumerate(gen.response.conditions)}
+    swapped = use_response(args.demo, args.response, args.fit_response)
+    store = ClipStore(args.demo / "store")
+    mask_img = str(store.path / "mask.nii.gz")
+    if args.background == "simulated":
+        if swapped is None:
+            raise SystemExit("--background simulated takes --response (and --fit-response to fit it)")
+        model, checkpoint = swapped, None
+    else:
+        gen = load_generator(args.demo)
+        model, checkpoint = gen.extras.response, str(gen.source)
+        del gen
+    conditions = store.conditions
+    response = {c: model.mean[k, 0] for k, c in enumerate(model.conditions)}
     t0 = time.perf_counter()
     if args.real_cache and args.real_cache.is_file():  # the real maps do not change between runs on one demo
         with np.load(args.real_cache) as f:
@@ -205,11 +279,14 @@ def main() -> None:
     designs = make_designs(args.seed, FRAMES * HCP_TR)
     if args.quick:
         designs = {"motor_run": designs["motor_run"]}
-    result = {"demo": str(args.demo.resolve()), "checkpoint": str(gen.denoiser.checkpoint), "frames": FRAMES,
-              "tr": HCP_TR, "subjects": args.subjects, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+    elif args.designs:
+        designs = {k: designs[k] for k in args.designs.split(",")}
+    result = {"demo": str(args.demo.resolve()), "background": args.background, "checkpoint": checkpoint, "frames": FRAMES,
+              "tr": HCP_TR, "subjects": args.subjects, "response": str(args.response or "the run's own"),
+              "trial_sd": dict(zip(model.conditions, np.asarray(model.trial_sd).tolist())),
+              "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
               "real_lag1": {k: float(np.mean([x[k] for x in real_lag])) for k in real_lag[0]} if real_lag else None,
               "designs": {}}  # fmt: skip
-    del gen
     cfg = load_config(None, [f"seed={args.seed}", f"sim.subjects={args.subjects}", "sim.runs=LR", "sim.grid=6mm"])
     with tempfile.TemporaryDirectory(prefix="virtual-") as tmp:
         tmp = Path(tmp)
@@ -217,20 +294,25 @@ def main() -> None:
             task = name.replace("_", "")
             (tmp / f"{name}.tsv").write_text(design_tsv(design))
             load = time.perf_counter()
-            sample_runs(args.demo, tmp / f"{name}.tsv", HCP_TR, FRAMES, tmp / "gen", args.subjects, task, args.seed,
-                        args.steps, progress=True)  # fmt: skip
+            if args.background == "simulated":
+                response_runs(model, design, tmp / f"{name}.tsv", cfg, tmp / f"gen-{name}", task, store.mask, args.seed)
+            else:
+                sample_runs(args.demo, tmp / f"{name}.tsv", HCP_TR, FRAMES, tmp / f"gen-{name}", args.subjects, task,
+                            args.seed, args.steps, progress=True)  # fmt: skip
             seconds = (time.perf_counter() - load) / args.subjects
             load_avg = os.getloadavg()[0]  # 2 cores shared with other work: > 2 means the timing is inflated
             simulate_design(cfg, tmp / f"sim-{name}", tmp / f"{name}.tsv", HCP_TR, FRAMES, task, first_subject=20,
                             progress=False)  # fmt: skip
             present = list(dict.fromkeys(e.condition for e in design))
-            gz, gruns = bids_first_level(tmp / "gen", task, mask_img, present)
+            gz, gruns = bids_first_level(tmp / f"gen-{name}", task, mask_img, present)
             sz, sruns = bids_first_level(tmp / f"sim-{name}", task, mask_img, present)
             entry = {"kind": kind, "events": len(design), "conditions": present, "seconds_per_run": seconds, "load_avg_1min": load_avg,
                      "frames_per_s": FRAMES / seconds, "generated": analyse(gz, gruns, design, real, response, HCP_TR),
                      "simulated": analyse(sz, sruns, design, real, response, HCP_TR)}  # fmt: skip
             for c in present:
-                entry["generated"][c]["ratio_to_simulated"] = entry["generated"][c]["r_real"] / entry["simulated"][c]["r_real"]
+                g, sim = entry["generated"][c], entry["simulated"][c]
+                g["ratio_to_simulated"] = g["r_real"] / sim["r_real"]
+                g["r_sim"] = corr(g.pop("group"), sim.pop("group"))
             result["designs"][name] = entry
             print(table({name: entry}, header=name == next(iter(designs))), flush=True)
     result["targets"] = targets(result)
@@ -247,19 +329,21 @@ def targets(result: dict) -> dict:
             "top1_run_all_correct": all(g["top1_run"] for _, _, g in per),
             "top1_all_correct": all(g["top1_all"] for _, _, g in per),
             "min_ratio_to_simulated": min(g["ratio_to_simulated"] for _, _, g in per),
+            "min_r_generated_vs_simulated": min(g["r_sim"] for _, _, g in per),
             "ratio_ok": all(g["ratio_to_simulated"] >= 0.9 for _, _, g in per)}  # fmt: skip
 
 
 def table(designs: dict, header: bool = True) -> str:
     """One row per design and condition: generated | simulated, side by side."""
-    head = (f"{'design':<14}{'condition':<21}{'r real':>14}{'ratio':>7}{'r resp':>14}{'top1 run/all':>16}"
-            f"{'ROI~HRF':>14}{'s/run':>7}\n{'':<35}{'gen / sim':>14}{'':>7}{'gen / sim':>14}{'gen | sim':>16}{'gen / sim':>14}\n")  # fmt: skip
+    head = (f"{'design':<14}{'condition':<21}{'r real':>14}{'ratio':>7}{'r sim':>7}{'r resp':>14}{'top1 run/all':>16}"
+            f"{'ROI~HRF':>14}{'s/run':>7}\n{'':<35}{'gen / sim':>14}{'':>14}{'gen / sim':>14}{'gen | sim':>16}"
+            f"{'gen / sim':>14}\n")  # fmt: skip
     rows = []
     for name, e in designs.items():
         for c in e["conditions"]:
             g, s = e["generated"][c], e["simulated"][c]
             top = f"{'YN'[not g['top1_run']]}{'YN'[not g['top1_all']]} | {'YN'[not s['top1_run']]}{'YN'[not s['top1_all']]}"
-            rows.append(f"{name:<14}{c:<21}{g['r_real']:>7.2f}/{s['r_real']:<6.2f}{g['ratio_to_simulated']:>7.2f}"
+            rows.append(f"{name:<14}{c:<21}{g['r_real']:>7.2f}/{s['r_real']:<6.2f}{g['ratio_to_simulated']:>7.2f}{g['r_sim']:>7.2f}"
                         f"{g['r_response']:>7.2f}/{s['r_response']:<6.2f}{top:>16}{g['roi_hrf_r']:>7.2f}/{s['roi_hrf_r']:<6.2f}"
                         f"{e['seconds_per_run']:>7.1f}")  # fmt: skip
         gl, sl = e["generated"]["lag1"], e["simulated"]["lag1"]

@@ -176,6 +176,15 @@ class ResponseModel:
         drop[n_mod::K] = False
         xtx[:, drop], xtx[:, :, drop], xty[:, drop] = 0, 0, 0  # _solve leaves them out
         pooled = _solve(xtx.sum(0), xty.sum(0))[0]  # (P, V)
+        # A nuisance map is a priori like a labelled one (mean square tau2 per element): where the clips
+        # show a nuisance condition only as the tail of the block it borders, the prior keeps it from
+        # taking that block's response (ridge = noise variance / tau2, the Gaussian prior's).
+        sigma2 = float(np.clip(yty.sum() - np.sum(pooled * xty.sum(0)), 0, None)) / max(n_obs - P, 1) / n_vox
+        tau2 = float(np.mean(pooled[:n_mod:K] ** 2)) if n_mod else 1.0
+        penalty = np.zeros(P)
+        penalty[n_mod::K] = sigma2 / max(tau2, 1e-12)
+        xtx += np.diag(penalty)[None]
+        pooled = _solve(xtx.sum(0) - (len(subjects) - 1) * np.diag(penalty), xty.sum(0))[0]
         full, inv_diag, explained, n_par = [], np.zeros((len(subjects), n_mod)), np.zeros(n_vox), 0
         for s in range(len(subjects)):
             beta, active, inv = _solve(xtx[s], xty[s])
