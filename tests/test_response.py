@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fmrisynth.config import load_config
-from fmrisynth.data.run_events import FILE, write_run_events
+from fmrisynth.data.run_events import FILE, RunEvent, read_run_events, write_run_events
 from fmrisynth.data.simulator import simulate, trial_gains
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
@@ -88,6 +88,17 @@ def test_fit_sees_the_whole_design(tmp_path):
     assert [e.condition for e in events if e.onset_s < 0] == ["m"]  # the block before a's, in the lead-in
     clip = store.item(i)
     assert ((clip - model.clip_response(store, i)) ** 2).mean() < 0.9 * (clip**2).mean()
+
+
+def test_run_events_round_trip_and_a_damaged_file_is_one_line(tmp_path):
+    store, _ = make_store(tmp_path / "s", np.random.default_rng(10), subjects=2, runs=1)
+    events, complete = read_run_events(store)
+    assert complete and set(events) == {("s0", "t", "0"), ("s1", "t", "0")}
+    assert {e.condition for e in events["s0", "t", "0"]} == {"a", "b", "m"}
+    assert all(isinstance(e, RunEvent) for e in events["s1", "t", "0"])
+    (store.path / FILE).write_text("subject\tonset_s\ns0\tx\n")
+    with pytest.raises(FmrisynthError, match="unreadable run events"):
+        read_run_events(ClipStore(store.path))
 
 
 def test_a_store_without_run_events_still_fits_with_a_warning(tmp_path):

@@ -11,6 +11,7 @@ import pytest
 from fmrisynth.config import load_config
 from fmrisynth.data.design import DesignEvent, design_tsv
 from fmrisynth.data.prepare import prepare
+from fmrisynth.data.run_events import read_run_events
 from fmrisynth.data.sim_anatomy import SimGrid
 from fmrisynth.data.sim_events import simulate_design
 from fmrisynth.data.simulator import _Subject
@@ -33,6 +34,8 @@ def fitted(root, trial_sd: float):
     simulate_design(cfg, root / "sim", root / "design.tsv", TR, FRAMES, "blocks", progress=False)
     prepare("bids", root / "sim", root / "store", cfg, progress=False)
     store = ClipStore(root / "store")
+    events, complete = read_run_events(store)  # prepare kept every run's design
+    assert complete and all(len(run) == len(design) for run in events.values())
     return ResponseModel.fit(store, store.indices(split="train")), store, cfg
 
 
