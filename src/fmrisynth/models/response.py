@@ -13,18 +13,20 @@ CorrDiff takes out the mean by regression before diffusing the rest:
   runs z-scored as a whole, so a run has one constant, plus the slow cosine drifts a user's nilearn
   GLM removes (``HIGH_PASS_HZ``); a clip's own mean is not removed, which would fold the previous
   block's tail and the missing rest into the map. Conditions of the runs that are not labels
-  (LANGUAGE:math, HCP's other EVs) are nuisance regressors, so no label absorbs them. Per subject s:
-  ``B[s]`` (C, K, V); the population map ``mean[c]`` pools all subjects' normal equations.
-* Subjects differ: the subject maps minus the mean are reduced to a few principal components.
-  Their singular values are shrunk by the estimation noise each subject map carries (a subject
-  with few clips has noisy maps; noise that is not shrunk would count twice, once here and once in
-  the residual diffusion). A generated subject draws unit-normal scores on those components, so
-  clip-level maps vary across generated subjects as they do across real ones.
+  (LANGUAGE:math, HCP's other EVs) are nuisance regressors (canonical HRF, Gaussian prior), so no
+  label absorbs them. Per subject s: ``B[s]`` (C, K, V); the population map ``mean[c]`` pools all
+  subjects' normal equations. The fit knows only what the clips show: where blocks alternate with
+  little rest between them (EMOTION fear/neut), the rest level is poorly determined.
+* Subjects differ: the subject maps minus the mean are reduced to a few principal components,
+  without the estimation noise each subject map carries (a subject with few clips has noisy maps;
+  noise that is not removed would count twice, once here and once in the residual diffusion). A
+  generated subject draws unit-normal scores on those components, so clip-level maps vary across
+  generated subjects as they do across real ones.
 * Trials differ: each block's amplitude varies around its subject's map (habituation, attention).
   Each event's gain is estimated twice, on the first and on the second half of its response; the
-  two share the gain but not the noise, so the mean product of their deviations from 1 estimates
-  the variance of the gains without the estimation noise (``trial_sd`` per condition).
-  ``draw_gains`` gives a design's events their own gains.
+  two share the gain but not the noise, so their covariance within runs estimates the variance of
+  the gains without the estimation noise (``trial_sd`` per condition; an upper bound, as any
+  event-to-event misfit counts too). ``draw_gains`` gives a design's events their own gains.
 * Predict: the response of any design, a sum over events of basis regressors times the (drawn or
   mean) maps: ``predict(events, tr, frames, maps) -> (T, V)``, for a 14 s clip or a whole run.
 
@@ -198,7 +200,8 @@ class ResponseModel:
         mean_m = pooled[:n_mod].reshape(len(modelled), K, n_vox)
         components, scores = cls._subject_components(subject - mean_m[None], inv_diag, noise_var, rank)
         denoised = mean_m[None] + np.tensordot(scores, components, axes=1)  # (S, Cm, K, V): low-rank subject maps
-        templates = {s: np.concatenate([denoised[i].reshape(n_mod, n_vox), full[i][n_mod:]]) for i, s in enumerate(subjects)}
+        templates = {s: np.concatenate([denoised[i].reshape(n_mod, n_vox), full[i][n_mod:]])
+                     for i, s in enumerate(subjects)}  # fmt: skip
         gains = _trial_sd(runs, clips, names, modelled, templates)
         index = [conditions.index(c) for c in modelled]
         mean = np.zeros((len(conditions), K, n_vox), np.float32)
