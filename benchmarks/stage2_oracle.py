@@ -2,7 +2,7 @@
 
 Takes a trained stage-2 run and, instead of sampling latents, uses the stored latents of real
 training clips (the residuals the denoiser learns to make). They go through the same finish as
-generated ones (``Generator.finish``: decode, + codec noise, + the block's response through a
+generated ones (``Generator.finish``: decode, + codec residual, + the block's response through a
 freshly drawn subject) and are evaluated by protocol v2 against the real test clips, exactly as
 the generated set is. The gap between this oracle and the generated set is the denoiser's; the gap
 between the oracle and the reference is the codec's and the response model's.
@@ -44,23 +44,24 @@ def main() -> None:
 
     t0 = time.perf_counter()
     gen = load_generator(args.run)
-    info, latents = gen.denoiser.info, ClipStore(gen.denoiser.info["latents"])
+    info, latents = gen.info, ClipStore(gen.info["latents"])
     rng = np.random.default_rng(args.seed)
     rows = rng.choice(latents.indices(split="train"), min(args.n, len(latents.indices(split="train"))), replace=False)
     m = latents.manifest
     runs = [(f"oracle{k:03d}", condition_task(m.iloc[i]["condition"])) for k, i in enumerate(rows)]
-    with DatasetWriter(args.out / "samples", runs, gen.affine, gen.mask, gen.denoiser.checkpoint,
+    with DatasetWriter(args.out / "samples", runs, gen.affine, gen.mask, gen.source,
                        name="fmrisynth stage-2 oracle") as writer:  # fmt: skip
         for (subject, task), i in zip(runs, rows):
             row = m.iloc[i]
             z = torch.from_numpy(latents.item(int(i)).astype(np.float32))[None]  # (1, T, c, d, h, w)
             events = [Event(row["condition"], float(row["onset_s"]), float(row["duration_s"]))]
-            clip = gen.finish(z, [events], np.array([row["tr"]]), rng)[0]  # (T, V)
+            clip = gen.finish(z, [events], np.array([row["tr"]]), [rng], [str(row["subject"])],
+                              rng.standard_normal(1))[0]  # fmt: skip  # (T, V): its own subject's codec residual
             sidecar = {"condition": row["condition"], "onset_s": float(row["onset_s"]), "duration_s": float(row["duration_s"]),
                        "tr": float(row["tr"]), "seed": args.seed, "oracle_of": int(i)}  # fmt: skip
             design = [DesignEvent(row["condition"], float(row["onset_s"]), float(row["duration_s"]))]
             writer.add(subject, task, clip, float(row["tr"]), design, sidecar)
-    cfg = gen.denoiser.config
+    cfg = gen.config
     cfg = replace(cfg, eval=replace(cfg.eval, codec=False))
     metrics = evaluate(f"{info['clip_store']}:test", args.out / "samples", args.out / "eval", cfg)
     realism = metrics.get("realism") or {}

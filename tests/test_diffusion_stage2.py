@@ -18,7 +18,7 @@ from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate.sample import load_denoiser, sample
 from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
-from fmrisynth.models.response import K, ResponseModel
+from fmrisynth.models.response import K, Event, ResponseModel
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 from fmrisynth.training.diffusion import design_boxcar, train_diffusion
 
@@ -197,3 +197,21 @@ def test_gaussian_generator_samples_clips_without_a_network(run, tmp_path, monke
         assert np.corrcoef(beta[0], RESPONSE_MAPS[1, 0])[0, 1] > 0.9
     with pytest.raises(FmrisynthError, match="unknown generator"):
         sample(run / "run", "WM:2bk_faces", 1, tmp_path / "x", kind="gan")
+
+
+def test_trial_gains_vary_each_events_amplitude_only_when_asked(run):
+    import dataclasses
+
+    from fmrisynth.generate.sample import load_generator
+
+    gen = load_generator(run / "run", kind="gaussian")
+    gen.extras.response.trial_sd = np.full(len(CONDITIONS), 0.5, np.float32)
+    args = (np.array([1]), np.zeros((1, T), np.float32), [[Event("WM:2bk_faces", 0.0, 2.0)]], np.array([TR]), [7], 1, "ddim", 1.0)
+    off = gen.clips(*args)
+    on_cfg = dataclasses.replace(gen.config, stage2=dataclasses.replace(gen.config.stage2, trial_gains=True))
+    on = dataclasses.replace(gen, config=on_cfg).clips(*args)
+    response = gen.extras.response.predict([Event("WM:2bk_faces", 0.0, 2.0)], TR, T)  # (T, V) population response
+    np.testing.assert_array_equal(off, gen.clips(*args))  # deterministic by seed
+    assert not np.allclose(on, off)
+    gain = np.linalg.lstsq(response.reshape(-1, 1), (on - off).reshape(-1), rcond=None)[0][0]
+    assert abs(gain) > 0.01  # the difference is the response scaled: the event's drawn gain

@@ -121,6 +121,9 @@ class Stage2Config:
     background_components: int = 50  # principal directions of each Gaussian background model
     background_clips: int = 256  # train clips (at most) that fit the voxel and latent Gaussian models
     prior_clips: float = 10.0  # a subject's time covariances are shrunk to the pool with this many clips' weight
+    # draw each event's amplitude with the response model's trial_sd (models/response.py); off by
+    # default: on data without trial variability the estimate is an upper bound (0.16-0.40 on the demo's)
+    trial_gains: bool = False
     codec_noise: bool = True  # add back a Gaussian model of what the VQ-GAN drops (generate/codec.py)
     noise_clips: int = 48  # training clips whose reconstructions fit that model
 

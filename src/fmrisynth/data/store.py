@@ -160,6 +160,7 @@ class ClipStore:
             raise FmrisynthError(f"clip store is damaged ({e})", self.path) from None
         if len(self.manifest) != n:
             raise FmrisynthError(f"manifest has {len(self.manifest)} rows, data has {n}", self.path)
+        self._complete_positions()
         self.kind: str = self.header["kind"]
         self.affine = np.array(self.header["affine"])
         self.grid_shape = tuple(self.header["grid_shape"])
@@ -170,6 +171,19 @@ class ClipStore:
 
             self.mask = np.asarray(nib.load(self.path / "mask.nii.gz").dataobj) > 0
             self._flat = np.flatnonzero(self.mask)  # flat scatter is ~2x faster than boolean indexing
+
+    def _complete_positions(self) -> None:
+        """A clip written without its run or position (a store made by hand, not by ``prepare``) is a
+        run of its own starting at frame 0, so that readers of runs (the response model) need no
+        special case."""
+        m = self.manifest
+        for column in ("run", "start_frame"):
+            if column not in m:
+                m[column] = ""
+        own = m["run"].astype(str).eq("") | m["start_frame"].astype(str).eq("")
+        if own.any():
+            m["run"] = np.where(own, [f"clip{i}" for i in range(len(m))], m["run"].astype(str))
+            m["start_frame"] = np.where(own, 0, m["start_frame"]).astype(int)
 
     def __len__(self) -> int:
         return len(self.manifest)

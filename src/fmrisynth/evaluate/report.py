@@ -17,11 +17,9 @@ reports can be made from any process.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import json
-import os
 import zipfile
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import numpy as np
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.summary import (HEADLINE, TRUTH, furthest_ahead, furthest_short, headline_rows,
                                         not_computed_reasons, realism_columns, realism_rows)
+from fmrisynth.publish import staged_file
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1300px;margin:2em auto;color:#222}
 h1{margin-bottom:0}.sub{color:#666;margin-top:.3em}table{border-collapse:collapse;margin:1em 0}
@@ -363,14 +362,9 @@ def write_report(eval_dir: str | Path, out: str | Path, scaling: str | Path | No
             f"<p class='sub'>real: {html.escape(m['real'])} ({m['n_real']} clips) &nbsp; generated: "
             f"{html.escape(m['generated'])} ({m['n_generated']} clips) &nbsp; {len(m['conditions'])} conditions</p>"
             f"{body}</body></html>")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(page)
-        tmp.replace(out)
+        with staged_file(out) as tmp:  # a report killed half-way leaves a temporary the next write removes
+            tmp.write_text(page)
     except OSError as e:
         raise FmrisynthError(f"cannot write the report ({e.strerror or e})", out) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return out

@@ -215,24 +215,18 @@ def compare_folders(real: str | Path, generated: str | Path, seed: int = 0) -> d
 
 
 def write_runs(result: dict, out: str | Path) -> Path:
-    """``out/runs.json`` (strict JSON, NaN as null), written under a temporary name and renamed; returns it."""
-    import contextlib
+    """``out/runs.json`` (strict JSON, NaN as null), staged and renamed into place (``fmrisynth.publish``)."""
     import json
-    import os
 
     from fmrisynth.evaluate.run import _json_safe
+    from fmrisynth.publish import staged_file
 
-    out = Path(out)
-    path, tmp = out / "runs.json", out / f".runs.json.tmp-{os.getpid()}"
+    path = Path(out) / "runs.json"
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(_json_safe(result), indent=1))
-        tmp.replace(path)
+        with staged_file(path) as tmp:
+            tmp.write_text(json.dumps(_json_safe(result), indent=1))
     except OSError as e:
         raise FmrisynthError(f"cannot write the whole-run evaluation ({e.strerror or e})", out) from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
     return path
 
 

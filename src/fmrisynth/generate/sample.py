@@ -224,12 +224,14 @@ class Generator:
 
     def _add_response(self, clips: np.ndarray, events: list[list[Event]], tr: np.ndarray,
                       rngs: list[np.random.Generator]) -> np.ndarray:  # fmt: skip
-        """clips (B, T, V) + each clip's response through a freshly drawn subject; checked finite."""
+        """clips (B, T, V) + each clip's response through a freshly drawn subject (and, with
+        ``stage2.trial_gains``, a gain per event); checked finite."""
         response = self.extras.response
         for b, rng in enumerate(rngs):
             if response is not None:
                 subject = response.maps(response.draw_subjects(1, rng)[0])  # (C, K, V)
-                clips[b] += response.predict(events[b], float(tr[b]), clips.shape[1], subject)
+                mine = response.draw_gains(events[b], rng) if self.config.stage2.trial_gains else events[b]
+                clips[b] += response.predict(mine, float(tr[b]), clips.shape[1], subject)
         if not np.isfinite(clips).all():
             raise FmrisynthError("the model produced non-finite values; the checkpoint is damaged or diverged",
                                  self.source)  # fmt: skip
@@ -269,7 +271,7 @@ def _settings(gen: Generator, guidance: float | None, steps: int | None, sampler
 
 
 def sample(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Generator,
     condition: str | None,
     n: int,
     out: str | Path,
@@ -286,14 +288,15 @@ def sample(
 
     The block's timing is ``onset_s``/``duration_s`` when given, otherwise a training block of the
     condition drawn from the clip's seed. ``guidance``, ``steps`` and ``sampler`` default to the
-    run's diffusion config; ``kind`` picks the deep or the Gaussian generator. Clip k comes from
-    ``clip_seed(seed, condition index, k)`` alone; the files appear only once all are written.
+    run's diffusion config; ``kind`` picks the deep or the Gaussian generator (``checkpoint`` may
+    also be a loaded ``Generator``). Clip k comes from ``clip_seed(seed, condition index, k)`` alone;
+    the files appear only once all are written.
     """
     if condition is None:
         raise FmrisynthError("give --condition (clips of one condition) or --events (whole runs of a design)")
     if n < 1:
         raise FmrisynthError(f"--n must be at least 1, got {n}")
-    gen = load_generator(checkpoint, kind=kind)
+    gen = checkpoint if isinstance(checkpoint, Generator) else load_generator(checkpoint, kind=kind)
     guidance, steps, sampler = _settings(gen, guidance, steps, sampler)
     blocks = gen.blocks(condition)  # (rows, onset/dur/tr)
     label = gen.conditions.index(condition)

@@ -3,7 +3,7 @@
 ``train_diffusion`` wraps denoiser + diffusion in an ``Objective`` for the project's one training
 loop and writes, next to the checkpoints, ``stage2.json``: what sampling needs besides weights (the
 latent shape, conditions, latent statistics, the VQ-GAN and clip store to decode with, the response
-and codec noise models, and the training blocks of each condition to draw default timings from).
+and background models, and the training blocks of each condition to draw default timings from).
 
 Every logged row carries the data's reference losses (``Diffusion.reference_losses``), computed
 once from the training latents, so a run that is not learning shows at step 0.
