@@ -22,7 +22,7 @@ from fmrisynth.publish import staged_file
 
 # The demo's time budget: the VQ-GAN gets a fixed share; the diffusion model gets whatever is left
 # after the data stages, less a reserve for sampling, evaluation and the report.
-VAE_SHARE, RESERVE_SHARE = 0.25, 0.30
+VAE_SHARE, RESERVE_SHARE = 0.25, 0.35
 METRICS = ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")
 
 
