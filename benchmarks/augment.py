@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/augment.py --demo runs/demo [--per-condition 20] [--repeats 5]
 
 A lab has scanned 2-4 people and wants a classifier of the task condition of a clip. Its features
-are the clip GLM betas of DESIGN.md's evaluation protocol (OLS of each voxel on the HRF-convolved
+are the clip GLM betas of docs/design.md's evaluation protocol (OLS of each voxel on the HRF-convolved
 block and an intercept); the classifier is a standardised L2 logistic regression (scikit-learn),
 fixed in advance and not tuned on the test set. For k = 2, 3, 4 training subjects (``--repeats``
 random sets drawn from the store's train split) it is trained on

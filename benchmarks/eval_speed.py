@@ -7,7 +7,7 @@
 2. The demo's evaluation: 6 mm, 288 real test clips against a sample directory of 288 generated
    clips (gzipped NIfTI + sidecars, as ``fmrisynth sample`` writes them), with the reference (288
    training clips of other subjects) and every realism figure. Goal: 60 s on 2 cores.
-3. The DESIGN.md scale: 2 mm (96x112x96, T=20, the MNI brain mask), 7 conditions x 100 real test
+3. The docs/design.md scale: 2 mm (96x112x96, T=20, the MNI brain mask), 7 conditions x 100 real test
    clips, as many generated clips (a store) and as many reference clips. Goal: 3 min on 2 cores.
 
 Evaluations run as ``fmrisynth evaluate`` in a subprocess (imports included): wall time, CPU time

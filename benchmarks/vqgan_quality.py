@@ -6,7 +6,7 @@ the original inside the brain mask:
 * fidelity: spatial correlation per frame, temporal correlation per voxel, PSNR (peak = the clip's
   range), fraction of variance explained;
 * codebook: perplexity and fraction of codes used over all held-out frames;
-* task signal, the one that matters: per condition, the group GLM t map (DESIGN.md protocol, via
+* task signal, the one that matters: per condition, the group GLM t map (docs/design.md protocol, via
   fmrisynth.evaluate.glm) of the reconstructions against that of the originals (goal r >= 0.95); for
   scale, the same correlation for originals blurred by half a voxel, and the real maps' own split-half
   reliability (held-out vs validation subjects): where the latter is low, voxel-level noise dominates

@@ -28,7 +28,7 @@ def _numbers(tree, path=""):
 
 
 def _sensible(key: str, value: float) -> bool:
-    """The range a metric can take, by its name (DESIGN.md, metrics.json keys)."""
+    """The range a metric can take, by its name (docs/design.md, metrics.json keys)."""
     leaf = key.rsplit(".", 1)[-1].split("[")[0]
     if not math.isfinite(value):
         return False

@@ -1,6 +1,6 @@
 """fmrisynth: conditional synthesis of whole-brain 4D task fMRI.
 
-The package is layered so that data flows one way (see DESIGN.md):
+The package is layered so that data flows one way (see docs/design.md):
 ``data`` ← ``models`` ← ``diffusion`` ← ``train`` ← ``evaluate`` ← ``cli``.
 Importing the package is cheap; heavy libraries are imported where they are used.
 """

@@ -111,7 +111,7 @@ class DiffusionConfig:
 
 @dataclass
 class Stage2Config:
-    """What stage 2 diffuses and what it adds back (DESIGN.md, "Why stage 2 looks like this")."""
+    """What stage 2 diffuses and what it adds back (docs/design.md, "Why stage 2 looks like this")."""
 
     response: str = "hrf"  # "hrf": diffuse clip - task response (models/response.py); "none": whole clips
     response_rank: int = 4  # principal components of subjects' response maps
@@ -150,7 +150,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """The evaluation protocol of DESIGN.md (``fmrisynth evaluate``)."""
+    """The evaluation protocol of docs/design.md (``fmrisynth evaluate``)."""
 
     hrf: str = "glover"  # "glover" or "spm"
     drift_order: int = 0  # over a 14 s clip a linear drift absorbs most of the block regressor

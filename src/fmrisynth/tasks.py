@@ -193,5 +193,5 @@ def block_regressor(
     tr: float,
     hrf: str = "glover",
 ) -> np.ndarray:
-    """The canonical-HRF block regressor (n_frames,) of DESIGN.md's evaluation protocol and the simulator."""
+    """The canonical-HRF block regressor (n_frames,) of docs/design.md's evaluation protocol and the simulator."""
     return design_regressors(onsets_s, durations_s, n_frames, tr, hrf)[:, 0]

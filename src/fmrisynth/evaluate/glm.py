@@ -1,4 +1,4 @@
-"""Batched first-level GLM of clips and the group one-sample t map (DESIGN.md protocol, step 1).
+"""Batched first-level GLM of clips and the group one-sample t map (docs/design.md protocol, step 1).
 
 Every clip gets the same model: OLS of each voxel on [HRF-convolved block regressor of the clip's
 condition, intercept, polynomial drift]. Clips differ only in where the block sits (onset,

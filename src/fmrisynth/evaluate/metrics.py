@@ -1,4 +1,4 @@
-"""The metrics of DESIGN.md's evaluation protocol, as small functions on arrays.
+"""The metrics of docs/design.md's evaluation protocol, as small functions on arrays.
 
 Maps are rows of a (C, V) array of in-mask voxels; everything is a correlation, so maps of
 different scale (t maps from many or few clips, real or generated) compare fairly.

@@ -1,4 +1,4 @@
-"""One streaming pass over a clip set, and the task metrics of two passes (DESIGN.md steps 1-2).
+"""One streaming pass over a clip set, and the task metrics of two passes (docs/design.md steps 1-2).
 
 Every clip set of an evaluation (real test, generated, reference, codec) goes through ``stream``
 with the same ``Probe``: each clip is read once, fitted by the batched GLM and folded into running

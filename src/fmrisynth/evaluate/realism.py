@@ -1,4 +1,4 @@
-"""Does a clip set look like fMRI, apart from the task? (DESIGN.md protocol, step 4.)
+"""Does a clip set look like fMRI, apart from the task? (docs/design.md protocol, step 4.)
 
 Every statistic is computed the same way for each clip set and compared with the real test set:
 

@@ -1,4 +1,4 @@
-"""The yardsticks a generated set is judged beside (DESIGN.md protocol, step 3).
+"""The yardsticks a generated set is judged beside (docs/design.md protocol, step 3).
 
 * ``reference_set``: real clips of people outside the test set, as many per condition as were
   generated, so that "as good as real data from other people" is measured by the same code;

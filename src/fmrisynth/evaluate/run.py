@@ -1,4 +1,4 @@
-"""``fmrisynth evaluate``: the whole protocol of DESIGN.md on a real and a generated clip set.
+"""``fmrisynth evaluate``: the whole protocol of docs/design.md on a real and a generated clip set.
 
 The real test clips go first (every other set is judged against their maps), then the generated
 clips, then the yardsticks computed by the same code (``references``): real clips of other people,
@@ -6,7 +6,7 @@ the VQ-GAN's reconstructions of those, and on simulated data the simulator's tru
 stays bounded by streaming (``passes``). Outputs are staged beside ``out`` and published only when
 everything succeeded; in an existing folder they replace their namesakes and nothing else:
 
-    metrics.json   the DESIGN.md keys plus per-condition detail
+    metrics.json   the docs/design.md keys plus per-condition detail
     maps/          real and generated group t maps per condition (NIfTI, the real store's grid)
     arrays.npz     what the report plots: RDMs, ROI time courses, PCA coordinates, confusion, FC
     config.yaml    the resolved config

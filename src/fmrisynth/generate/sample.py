@@ -164,6 +164,12 @@ class Generator:
             raise FmrisynthError(f"condition {condition!r} has no training clips to take its timing from")
         return blocks
 
+    def contexts(self, condition: str) -> list[list[Event]] | None:
+        """Per training block of ``condition`` (``blocks`` order), the events whose response shows in its
+        clip (its own block and the tails before it); None for runs trained before they were recorded."""
+        rows = (self.info.get("contexts") or {}).get(condition)
+        return None if rows is None else [[Event(c, float(o), float(d)) for c, o, d in row] for row in rows]
+
     def check_runs(self, frames: int) -> None:
         """Refuse, in one line, whole runs this model cannot make (see the module docstring)."""
         if self.extras.response is None:
@@ -287,7 +293,8 @@ def sample(
     """Generate ``n`` clips of ``condition`` into the BIDS dataset ``out``; return the bold paths.
 
     The block's timing is ``onset_s``/``duration_s`` when given, otherwise a training block of the
-    condition drawn from the clip's seed. ``guidance``, ``steps`` and ``sampler`` default to the
+    condition drawn from the clip's seed, with the response of its whole context (the tails of the
+    blocks before it, as in the real clip). ``guidance``, ``steps`` and ``sampler`` default to the
     run's diffusion config; ``kind`` picks the deep or the Gaussian generator (``checkpoint`` may
     also be a loaded ``Generator``). Clip k comes from ``clip_seed(seed, condition index, k)`` alone;
     the files appear only once all are written.
@@ -301,7 +308,8 @@ def sample(
     blocks = gen.blocks(condition)  # (rows, onset/dur/tr)
     label = gen.conditions.index(condition)
     seeds = [clip_seed(seed, label, k) for k in range(n)]
-    timing = np.stack([blocks[np.random.default_rng([s, 0]).integers(len(blocks))] for s in seeds])  # (n, 3)
+    picked = [int(np.random.default_rng([s, 0]).integers(len(blocks))) for s in seeds]  # a training block per clip
+    timing = blocks[picked]  # (n, 3)
     if onset_s is not None:
         timing[:, 0] = onset_s
     if duration_s is not None:
@@ -310,7 +318,9 @@ def sample(
     if (timing[:, 0] < 0).any() or (timing[:, 1] <= 0).any() or (timing[:, 0] >= frames * timing[:, 2]).any():
         raise FmrisynthError(f"the block must start inside the clip ({frames} frames) and last > 0 s")
     designs = design_boxcar(*torch.tensor(timing.T, dtype=torch.float32), frames).numpy()  # (n, T)
-    events = [[Event(condition, float(o), float(d))] for o, d, _ in timing]
+    contexts = gen.contexts(condition) if onset_s is None and duration_s is None else None
+    events = ([contexts[k] for k in picked] if contexts else
+              [[Event(condition, float(o), float(d))] for o, d, _ in timing])  # fmt: skip  # the response's events
     task, subjects = bids.condition_task(condition), bids.subject_labels(n)
     written = []
     with bids.DatasetWriter(out, [(s, task) for s in subjects], gen.affine, gen.mask, gen.source) as writer:

@@ -5,7 +5,7 @@ layer, so spatial weights are shared over frames, and every level also mixes acr
 location: dilated temporal convolutions in conv levels, temporal self-attention with rotary
 (relative) positions in transformer levels. Stacking T*c frames into channels instead (the first
 version) lost the clip at the stem: a linear probe of its features recovered 7 % of the noise and
-samples were white in time (DESIGN.md). Nothing depends on T, so a model trained on 20-frame clips
+samples were white in time (docs/design.md). Nothing depends on T, so a model trained on 20-frame clips
 runs on a 512-frame run.
 
 Early, high-resolution levels are FiLM residual blocks (cheap, local); deeper levels are

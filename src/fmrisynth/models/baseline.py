@@ -8,7 +8,7 @@ takes and returns what it returns::
 
 * The latent clip's frames are stacked on channels (T*c in, T*c out), as the reference did; the
   first level is at least T*c wide so that the stem is no bottleneck (a stem narrower than its
-  input loses the clip: DESIGN.md), which makes the comparison with ours fair.
+  input loses the clip: docs/design.md), which makes the comparison with ours fair.
 * The condition label goes through MONAI's class embedding (``num_class_embeds = n_classes + 1``);
   the last row, ``label == n_classes``, is the null class of classifier-free guidance.
 * The block design (the condition's boxcar per frame) becomes one cross-attention token per frame:
@@ -32,7 +32,7 @@ from torch import nn
 # kwargs of DiffusionModelUNet; in/out channels, conditioning and the class table come from the data.
 BASELINE_PRESETS: dict[str, dict] = {
     # 7.3M parameters, 3.4 GFLOPs per clip at the demo latent (T=20, c=4): the first level is T*c = 80
-    # wide, so the stem does not squeeze the clip (the old 32-wide stem lost it: DESIGN.md). Ours costs
+    # wide, so the stem does not squeeze the clip (the old 32-wide stem lost it: docs/design.md). Ours costs
     # the same per clip at s1m.
     "monai-tiny": dict(
         channels=(80, 80, 80),

@@ -1,7 +1,7 @@
 """The task response model: what the task adds to a clip, per condition, voxel by voxel.
 
 The task explains 1-3 % of a z-scored clip's variance, so a diffusion loss over whole clips hardly
-sees it (DESIGN.md, "Why stage 2 looks like this"). This model takes the task out explicitly, as
+sees it (docs/design.md, "Why stage 2 looks like this"). This model takes the task out explicitly, as
 CorrDiff takes out the mean by regression before diffusing the rest:
 
 * Basis: the canonical HRF with its temporal and dispersion derivatives (nilearn,
@@ -401,13 +401,20 @@ def _trial_sd(runs: list[_Run], clips, names: list[str], modelled: list[str], ma
 
 
 def clip_events(clips, i: int, known: list[str]) -> list[Event]:
-    """The events of clip ``i``'s run that show in it, onsets in seconds from its first frame (events up
-    to ``LEAD_S`` before it are negative), of the conditions ``known``."""
-    row = clips.manifest.iloc[i]
+    """The events of clip ``i``'s run that show in it (``context_events``), of the conditions ``known``."""
+    return context_events(clips.manifest.iloc[i], _store_events(clips), known, clips.item_shape[0])
+
+
+def context_events(row, run_events: dict, known: list[str], frames: int) -> list[Event]:
+    """The events of the run of manifest ``row`` (a clip of ``frames`` frames) that show in the clip, onsets
+    in seconds from its first frame (events up to ``LEAD_S`` before it are negative), of the conditions ``known``.
+
+    A clip's response is that of all of them: its own block, and the tails of the blocks before it.
+    """
     tr = float(row["tr"])
     start = int(row["start_frame"]) * tr
-    end = start + clips.item_shape[0] * tr
-    return [Event(e.condition, e.onset_s - start, e.duration_s) for e in _store_events(clips).get(run_key(row), [])
+    end = start + frames * tr
+    return [Event(e.condition, e.onset_s - start, e.duration_s) for e in run_events.get(run_key(row), [])
             if e.condition in known and e.onset_s < end and e.onset_s + e.duration_s > start - LEAD_S]  # fmt: skip
 
 

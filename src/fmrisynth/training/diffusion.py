@@ -90,6 +90,24 @@ def _latent_store(path: Path) -> ClipStore:
     return store
 
 
+def block_contexts(store: ClipStore, train) -> dict[str, list] | None:
+    """Per condition, the events of each training clip (rows of ``train``, in "blocks" order) whose
+    response shows in it: its block and the tails of the blocks before it ([condition, onset_s,
+    duration_s], onsets from the clip's first frame). A generated clip at a training timing takes
+    the response of its whole context, as the real clip it imitates has; None without a response model.
+    """
+    from fmrisynth.data.run_events import read_run_events
+    from fmrisynth.models.response import ResponseModel, context_events
+
+    if store.header.get("response") != "hrf":
+        return None
+    response = ResponseModel.load(store.path / "response.npz")
+    clips = ClipStore(resolve_recorded(store.header["clip_store"], store.path / "store.json"))
+    events, known = read_run_events(clips)[0], response.conditions + response.nuisance
+    return {c: [[[e.condition, e.onset_s, e.duration_s] for e in context_events(row, events, known, store.item_shape[0])]
+                for _, row in rows.iterrows()] for c, rows in train.groupby("condition")}  # fmt: skip
+
+
 def element_variance(store: ClipStore, rows, prior: GaussianBackground | None = None,
                      subjects: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
     """Variance of each latent element (T, c, d, h, w) over the clips ``rows``, in the units the model sees.
@@ -141,6 +159,7 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
         **{k: record_path(resolve_recorded(store.header[k], store.path / "store.json"), out / RUN_INFO)
            for k in ("vqgan_checkpoint", "clip_store")},
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
+        "contexts": block_contexts(store, train),
         **references,
     }
     def write_info() -> None:  # under torchrun: rank 0 only
