@@ -3,7 +3,7 @@
 Takes a trained stage-2 run and, instead of sampling latents, uses the stored latents of real
 training clips (the residuals the denoiser learns to make). They go through the same finish as
 generated ones (``Generator.finish``: decode, + codec residual, + the block's response through a
-freshly drawn subject) and are evaluated by protocol v2 against the real test clips, exactly as
+freshly drawn subject, for the events the real clip showed: its block and the tails before it) and are evaluated by protocol v2 against the real test clips, exactly as
 the generated set is. The gap between this oracle and the generated set is the denoiser's; the gap
 between the oracle and the reference is the codec's and the response model's.
 
@@ -29,7 +29,8 @@ from fmrisynth.data.store import ClipStore
 from fmrisynth.evaluate.run import evaluate
 from fmrisynth.generate.bids import DatasetWriter, condition_task
 from fmrisynth.generate.sample import load_generator
-from fmrisynth.models.response import Event
+from fmrisynth.data.run_events import read_run_events
+from fmrisynth.models.response import context_events
 
 RESULTS = Path(__file__).resolve().parent / "results" / "stage2_oracle.json"
 
@@ -48,13 +49,15 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     rows = rng.choice(latents.indices(split="train"), min(args.n, len(latents.indices(split="train"))), replace=False)
     m = latents.manifest
+    run_events = read_run_events(ClipStore(info["clip_store"]))[0]
+    known = gen.extras.response.conditions + gen.extras.response.nuisance
     runs = [(f"oracle{k:03d}", condition_task(m.iloc[i]["condition"])) for k, i in enumerate(rows)]
     with DatasetWriter(args.out / "samples", runs, gen.affine, gen.mask, gen.source,
                        name="fmrisynth stage-2 oracle") as writer:  # fmt: skip
         for (subject, task), i in zip(runs, rows):
             row = m.iloc[i]
             z = torch.from_numpy(latents.item(int(i)).astype(np.float32))[None]  # (1, T, c, d, h, w)
-            events = [Event(row["condition"], float(row["onset_s"]), float(row["duration_s"]))]
+            events = context_events(row, run_events, known, latents.item_shape[0])  # as the clip's response
             clip = gen.finish(z, [events], np.array([row["tr"]]), [rng], [str(row["subject"])],
                               rng.standard_normal(1))[0]  # fmt: skip  # (T, V): its own subject's codec residual
             sidecar = {"condition": row["condition"], "onset_s": float(row["onset_s"]), "duration_s": float(row["duration_s"]),

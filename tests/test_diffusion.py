@@ -196,3 +196,14 @@ def test_analytic_sampler_keeps_the_variance_of_white_data_where_ddim_loses_it(p
            for s in ("ddim", "ddpm", "analytic")}  # fmt: skip
     assert abs(var["analytic"] - 1) < 0.03
     assert var["ddim"] < 0.85 and var["ddpm"] < 0.95
+
+
+def test_measured_x0_error_is_one_for_the_exact_denoiser_of_white_data_and_below_for_a_better_one():
+    d = Diffusion(DiffusionConfig(prediction="v"), null_label=1)
+    white = [(torch.randn(16, 8, 64, generator=torch.Generator().manual_seed(k)), torch.zeros(16, dtype=torch.long),
+              torch.zeros(16, 8)) for k in range(2)]  # fmt: skip
+    zero = lambda x, t, label, design: torch.zeros_like(x)  # noqa: E731  # the untrained model
+    errors = d.measure_x0_error(zero, white, points=5)
+    assert len(errors) == 1000 and max(abs(e - 1) for e in errors) < 0.05
+    # data of a quarter the variance: at high noise x0 is pinned to the data's spread, 0.25 of white data's
+    assert abs(d.measure_x0_error(zero, [(0.5 * x, lab, des) for x, lab, des in white], points=5)[-1] - 0.25) < 0.05

@@ -87,6 +87,8 @@ def test_training_writes_the_log_checkpoints_and_run_info(run):
     info = json.loads((run / "run" / "stage2.json").read_text())
     assert info["conditions"] == CONDITIONS and info["latent_shape"] == [T, C, 2, 2, 2]
     assert len(info["blocks"]["MOTOR:rh"]) == 5  # the train-split clips of that condition
+    assert len(info["contexts"]["MOTOR:rh"]) == 5  # and the events each one's response shows
+    assert len(info["x0_error"]) == 1000 and all(0 < e < 10 for e in info["x0_error"])  # measured after training
     den = load_denoiser(run / "run")
     assert den.checkpoint.name == "step_000003" and not den.model.training
 

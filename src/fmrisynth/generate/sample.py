@@ -113,7 +113,7 @@ def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = No
     except RuntimeError as e:
         raise FmrisynthError(f"weights do not match the model in its config ({str(e).splitlines()[0]})", path) from None
     device = device or default_device()
-    diffusion = Diffusion(ckpt.config.diffusion, len(conditions))
+    diffusion = Diffusion(ckpt.config.diffusion, len(conditions), info.get("x0_error"))  # measured after training
     return Denoiser(model.to(device).eval(), diffusion, ckpt.config, info, path,
                     prior if info.get("prior", "none") == "gaussian" else None)  # fmt: skip
 

@@ -8,11 +8,13 @@ against step by step:
 * one update rule serves every sampler: DDIM's, with eta = 0 (deterministic DDIM) or eta = 1
   (ancestral DDPM with the "fixed small" posterior variance; over all 1000 steps it is exactly
   MONAI's DDPM step, over fewer it is the strided ancestral sampler);
-* ``analytic``: the ancestral step with the variance that is exact when the data are white
-  (Analytic-DPM, Bao et al. 2022, with Var(x0 | x_t) taken as that of unit white data). Both
-  DDIM and fixed-small DDPM lose variance over few steps even with a perfect denoiser: for white
-  data each DDIM step multiplies x by cos(angle step), so 10 steps keep 78 % of the variance.
-  In the whitened units of a Gaussian prior the data are nearly white, and ``analytic`` keeps it;
+* ``analytic``: the ancestral step with the variance that is exact for the model (Analytic-DPM,
+  Bao et al. 2022): the posterior-mean step plus the spread of x0 given x_t, which is the model's
+  own x0 error, measured on training clips after training (``measure_x0_error``; unit white data
+  and the untrained model: 1 - a_t). Both DDIM and fixed-small DDPM lose variance over few steps
+  even with a perfect denoiser: for white data each DDIM step multiplies x by cos(angle step), so
+  10 steps keep 78 % of the variance. In the whitened units of a Gaussian prior the data are
+  nearly white, and ``analytic`` keeps it;
 * sampling timesteps are ``linspace(num_steps - 1, 0, steps)`` rounded, as MONAI's DDIM;
 * nothing is clipped: latents are normalised to unit variance, not to [-1, 1].
 
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -69,9 +72,11 @@ class Diffusion:
     Args:
         cfg: the schedule, the prediction target ("eps" or "v") and ``cond_drop``.
         null_label: the label meaning "no condition" (the denoiser's ``n_classes``).
+        x0_error: (num_steps,) the model's mean squared x0 error at each timestep over 1 - a_t (the
+            error of unit white data's best denoiser); None: 1, as for the untrained model.
     """
 
-    def __init__(self, cfg: DiffusionConfig, null_label: int):
+    def __init__(self, cfg: DiffusionConfig, null_label: int, x0_error: list[float] | None = None):
         if cfg.prediction not in ("eps", "v"):
             raise FmrisynthError(f"unknown prediction target {cfg.prediction!r}; choose eps or v")
         if cfg.weighting not in ("plain", "min-snr"):
@@ -79,6 +84,8 @@ class Diffusion:
         self.cfg, self.null_label = cfg, null_label
         self.num_steps = cfg.num_steps
         self.alpha_bar = torch.cumprod(1 - make_betas(cfg), dim=0)  # (num_steps,) float64
+        self.x0_error = torch.ones(cfg.num_steps, dtype=torch.float64) if x0_error is None else \
+            torch.tensor(x0_error, dtype=torch.float64)  # fmt: skip
 
     def _coefs(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """sqrt(alpha_bar_t) and sqrt(1 - alpha_bar_t), shaped to broadcast over ``like`` (B, ...)."""
@@ -150,6 +157,30 @@ class Diffusion:
 
         return {"ref_loss_gaussian": expected(variance), "ref_loss_white": expected(torch.ones(1))}
 
+    @torch.no_grad()
+    def measure_x0_error(self, model, batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                         points: int = 20, seed: int = 0) -> list[float]:  # fmt: skip
+        """The model's x0 error at every timestep, over 1 - a_t (``x0_error``), from ``points`` timesteps
+        (interpolated between them) on ``batches`` of (x0 (B, T, ...), label (B,), design (B, T)).
+
+        The x0 error is (1 - a) times the v error, or (1 - a) / a times the eps error.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        grid = torch.linspace(0, self.num_steps - 1, points).round().long()
+        errors = []
+        for t in grid.tolist():
+            total, n = 0.0, 0
+            for x0, label, design in batches:
+                tt = torch.full((len(x0),), t, dtype=torch.long, device=x0.device)
+                noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+                out = model(self.q_sample(x0, tt, noise), tt, label, design).float()  # (B, T, ...)
+                a = float(self.alpha_bar[t])
+                target = noise if self.cfg.prediction == "eps" else math.sqrt(a) * noise - math.sqrt(1 - a) * x0
+                total += float((out - target).pow(2).sum())
+                n += out.numel()
+            errors.append(total / n / (a if self.cfg.prediction == "eps" else 1.0))
+        return np.interp(np.arange(self.num_steps), grid.numpy(), errors).tolist()
+
     def predict(self, model, x: torch.Tensor, t: int, label: torch.Tensor, design: torch.Tensor, guidance: float):
         """The model's output at timestep ``t``, mixed with the unconditional one by ``guidance``."""
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)  # (B,)
@@ -166,8 +197,8 @@ class Diffusion:
         """One reverse step from timestep ``t`` to ``t_prev`` (-1: to the clean sample).
 
         DDIM's update (eq. 12 of Song et al.) with sigma = eta * sqrt of the DDPM posterior variance;
-        ``analytic`` adds c0^2 (1 - a_t) to the noise variance, the spread of x0 given x_t for white
-        data (c0: the posterior mean's weight on x0). Returns (x_{t_prev}, predicted x0); ``noise``
+        ``analytic`` adds c0^2 Var(x0 | x_t) to the noise variance (c0: the posterior mean's weight on
+        x0; Var(x0 | x_t) = (1 - a_t) x0_error[t]). Returns (x_{t_prev}, predicted x0); ``noise``
         is needed when the step adds noise.
         """
         a = float(self.alpha_bar[t])
@@ -182,7 +213,7 @@ class Diffusion:
         x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
         if analytic:
             c0 = math.sqrt(a_prev) * (1 - a / a_prev) / (1 - a)
-            sigma = math.sqrt(sigma**2 + c0**2 * (1 - a))
+            sigma = math.sqrt(sigma**2 + c0**2 * (1 - a) * float(self.x0_error[t]))
         if sigma > 0:
             x_prev = x_prev + sigma * noise
         return x_prev, x0

@@ -3,7 +3,8 @@
 ``train_diffusion`` wraps denoiser + diffusion in an ``Objective`` for the project's one training
 loop and writes, next to the checkpoints, ``stage2.json``: what sampling needs besides weights (the
 latent shape, conditions, latent statistics, the VQ-GAN and clip store to decode with, the response
-and background models, and the training blocks of each condition to draw default timings from).
+and background models, the training blocks of each condition to draw default timings from, and,
+measured after training, the model's x0 error per timestep for the analytic sampler).
 
 Every logged row carries the data's reference losses (``Diffusion.reference_losses``), computed
 once from the training latents, so a run that is not learning shows at step 0.
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import default_collate
 
 from fmrisynth.config import Config, Stage2Config
 from fmrisynth.data.store import ClipStore
@@ -24,7 +26,9 @@ from fmrisynth.models.background import PRIOR, GaussianBackground
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.publish import record_path, resolve_recorded
-from fmrisynth.training.loop import Objective, check_train_config, fit, main_only
+from fmrisynth.training.loop import Objective, check_train_config, fit, load_checkpoint, main_only
+
+MEASURE_CLIPS = 64  # training clips behind the model's x0 error per timestep (stage2.json "x0_error")
 
 RUN_INFO = "stage2.json"
 
@@ -61,11 +65,16 @@ class DiffusionObjective(Objective):
             self.register_buffer("subjects", subjects, persistent=False)  # (n items,) prior subject index
             self.register_buffer("factors", torch.from_numpy(prior.factors(designs.shape[1])), persistent=False)
 
-    def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
+    def clean(self, batch: dict) -> torch.Tensor:
+        """The clips the model learns to make: normalised, and whitened by the prior (B, T, c, d, h, w)."""
         z = (batch["x"] - self.mean[:, None, None, None]) / self.std[:, None, None, None]  # (B, T, c, d, h, w)
         if self.prior is not None:
             subjects = self.subjects[batch["index"]]  # (B,)
             z = self.prior.whiten(z.flatten(2), subjects, self.factors).reshape(z.shape)  # (B, T, c, d, h, w)
+        return z
+
+    def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
+        z = self.clean(batch)
         b, d = z.shape[0], self.diffusion
         draws = (self.randint(d.num_steps, b), self.randn(*z.shape), self.rand(b) < d.cfg.cond_drop)
         return d.loss(self.model, z, batch["label"], self.designs[batch["index"]], draws), self.references
@@ -168,4 +177,19 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
         (out / f"{RUN_INFO}.tmp").replace(out / RUN_INFO)
 
     main_only(write_info)
-    return fit(objective, dataset, cfg.train, out, cfg.seed, resume=resume, config=cfg, desc="train", progress=progress)
+    last = fit(objective, dataset, cfg.train, out, cfg.seed, resume=resume, config=cfg, desc="train", progress=progress)
+
+    def measure() -> None:  # after training, on rank 0: the x0 error the analytic sampler's variance needs
+        device = objective.mean.device
+        ema = build_denoiser(cfg.model, store.item_shape, len(store.conditions))
+        ema.load_state_dict(load_checkpoint(last).module_state("model", ema=True))
+        picked = np.random.default_rng(cfg.seed).permutation(len(dataset))[:MEASURE_CLIPS]
+        batches = []
+        for chunk in np.array_split(picked, max(1, len(picked) // cfg.train.batch_size)):
+            batch = {k: v.to(device) for k, v in default_collate([dataset[int(k)] for k in chunk]).items()}
+            batches.append((objective.clean(batch), batch["label"], objective.designs[batch["index"]]))
+        info["x0_error"] = diffusion.measure_x0_error(ema.to(device).eval(), batches, seed=cfg.seed)
+        write_info()
+
+    main_only(measure)
+    return last
