@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $@
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-fast bench
 install: $(VENV)/.installed
 
 demo: install
@@ -18,6 +18,10 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# the edit-run loop: everything but the tests marked slow (they train, sample, evaluate or spawn processes)
+test-fast: install
+	$(BIN)/python -m pytest -m "not slow" -q
 
 bench: install
 	$(BIN)/python benchmarks/data_throughput.py

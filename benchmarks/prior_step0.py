@@ -26,6 +26,7 @@ from pathlib import Path
 from fmrisynth.data.store import ClipStore
 from fmrisynth.evaluate.run import evaluate
 from fmrisynth.generate.sample import load_generator, sample
+from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
 
 RESULTS = Path(__file__).resolve().parent / "results" / "prior_step0.json"
@@ -44,7 +45,9 @@ def main() -> None:
     trained = load_generator(args.run)
     den = trained.denoiser
     fresh = build_denoiser(den.config.model, den.info["latent_shape"], len(trained.conditions))  # zero output layer
-    step0 = replace(trained, denoiser=replace(den, model=fresh.to(next(den.model.parameters()).device).eval()))
+    untrained = Diffusion(den.config.diffusion, len(trained.conditions))  # x0 error 1: the untrained model's own
+    step0 = replace(trained, denoiser=replace(den, model=fresh.to(next(den.model.parameters()).device).eval(),
+                                              diffusion=untrained))  # fmt: skip
     generators = {"trained": trained, "step0": step0, "gaussian": load_generator(args.run, kind="gaussian")}
     store = ClipStore(trained.info["clip_store"])
     d = den.config.diffusion

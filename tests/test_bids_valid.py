@@ -14,6 +14,8 @@ from fmrisynth.cli import main
 from fmrisynth.data.sim_events import pe_direction
 from test_diffusion_stage2 import fake_vqgan, run  # noqa: F401  (fixtures: a 3-step stage-2 run, a stand-in decoder)
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 VALIDATOR = shutil.which("bids-validator-deno", path=str(Path(sys.executable).parent)) or shutil.which("bids-validator-deno")
 
 

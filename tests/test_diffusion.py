@@ -6,6 +6,8 @@ from fmrisynth.models.diffusion import Diffusion, make_betas
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.backbone import Backbone
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 SMALL = dict(widths=(8, 16), depths=(1, 1), kinds=("conv", "attn"), head_dim=8)
 SHAPE = (2, 2, 4, 4, 4)  # (T, c, d, h, w)
 

@@ -22,6 +22,8 @@ from fmrisynth.models.response import K, Event, ResponseModel
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 from fmrisynth.training.diffusion import design_boxcar, train_diffusion
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 CONDITIONS = ["MOTOR:rh", "WM:2bk_faces"]
 T, C, GRID, TR = 4, 2, (8, 8, 8), 0.72
 AFFINE = np.diag([6.0, 6.0, 6.0, 1.0])

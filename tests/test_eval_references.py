@@ -14,6 +14,8 @@ from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.run import evaluate
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 
 def build_store(path, rng, splits, per_subject=3, meta=None):
     """``splits``: subject -> split; every subject sees every condition ``per_subject`` times (runs 1-2)."""

@@ -11,6 +11,8 @@ from fmrisynth.cli import main
 from fmrisynth.config import Config
 from fmrisynth.evaluate.run import evaluate
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 
 @pytest.fixture(scope="module")
 def evaluation(tmp_path_factory):

@@ -14,6 +14,8 @@ from fmrisynth.evaluate.run import evaluate
 from fmrisynth.generate.bids import condition_task, run_stem
 from fmrisynth.tasks import block_regressor
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 CONDITIONS = ["LANGUAGE:story", "MOTOR:rh", "WM:2bk_faces"]
 T, TR, GRID = 16, 1.0, (6, 7, 6)
 MASK = np.zeros(GRID, bool)

@@ -17,6 +17,8 @@ from fmrisynth.models.blocks import Attention
 from fmrisynth.models.presets import LATENT_SHAPES, PRESETS, Preset, build_denoiser, describe, family
 from fmrisynth.pipeline import scale
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 REFERENCE_GRID = {"s38m": 38.1e6, "s85m": 85.4e6, "s152m": 151.5e6, "s237m": 236.5e6, "s340m": 340.3e6, "s463m": 462.9e6}
 
 

@@ -16,6 +16,8 @@ from fmrisynth.config import Config
 from fmrisynth.generate.bids import DatasetWriter
 from fmrisynth.publish import HOST, TEMP, staged
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 MASK = np.ones((2, 2, 2), bool)
 
 
@@ -92,6 +94,7 @@ def test_a_killed_evaluation_leaves_a_temporary_the_next_run_removes(tmp_path, e
 import numpy as np
 from fmrisynth.config import Config
 from fmrisynth.evaluate.run import evaluate
+
 def savez_compressed(*args, **kwargs):  # the evaluation is being written when the process is killed
     KILL
 np.savez_compressed = savez_compressed

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import nibabel as nib
+import pytest
 import numpy as np
 
 from fmrisynth.cli import main
@@ -13,6 +14,8 @@ from fmrisynth.data.store import ClipStore
 from fmrisynth.evaluate.references import truth_maps
 from fmrisynth.generate import codec
 from fmrisynth.publish import record_path, resolve_recorded
+
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
 
 
 def test_recorded_paths_are_relative_to_the_recording_file_and_old_absolute_ones_still_resolve(tmp_path):

@@ -22,6 +22,8 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.training.loop import Objective, fit, load_checkpoint
 from fmrisynth.training.vqgan import VQGANObjective, train_vae
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 
 class Clips(torch.utils.data.Dataset):
     """36 fake latent clips (2, 4) with a label: 4 full batches of 8 per epoch, so epochs turn often."""

@@ -24,6 +24,8 @@ from fmrisynth.generate.bids import read_clips
 from fmrisynth.generate.sample import sample, sample_runs
 from fmrisynth.models.response import K, ResponseModel
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 FRAMES = 60
 DESIGN = "onset\tduration\ttrial_type\n3\t8\tMOTOR:rh\n15\t8\tWM:2bk_faces\n27\t8\tMOTOR:rh\n35\t4\tWM:2bk_faces\n"
 # README, "Virtual experiments": the arguments nilearn needs for these files

@@ -15,6 +15,8 @@ from fmrisynth.generate.codec import decode, encode_store, load_vqgan, reconstru
 from fmrisynth.publish import resolve_recorded
 from fmrisynth.training.vqgan import train_vae
 
+pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
+
 GRID = (16, 20, 16)
 T = 4
 
