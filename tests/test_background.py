@@ -106,3 +106,13 @@ def test_save_load_round_trip_and_refusals(tmp_path):
         GaussianBackground.load(tmp_path / "bad.npz")
     with pytest.raises(FmrisynthError, match="at least 2 finite clips"):
         GaussianBackground.fit(x[:1], sid[:1])
+
+
+def test_a_clips_offset_is_not_carried_over_a_whole_run():
+    """White frames around a per-clip offset (half the variance): within a clip they are white, so a
+    long run drawn from the model must be white too, not the near-constant an offset would extrapolate to."""
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal((200, 20, 50)) + rng.standard_normal((200, 1, 50))).astype(np.float32)
+    model = GaussianBackground.fit(x, np.zeros(200, int), components=4, gains=False)
+    run = model.sample(300, [0, 0], rng)  # (2, 300, 50)
+    assert abs(lag1(run)) < 0.05 and abs(lag1(model.sample(20, np.zeros(200, int), rng), demean=False) - lag1(x, demean=False)) < 0.1
