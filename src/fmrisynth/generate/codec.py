@@ -93,12 +93,6 @@ def _per_clip(
         yield int(i), torch.cat([fn(chunk) for chunk in frames.split(batch)]).cpu()
 
 
-def clip_response(response: ResponseModel, clips: ClipStore, i: int) -> np.ndarray:
-    """The task response (T, V) of clip ``i``: every event of its run that shows in it, through its subject's
-    maps if known (``ResponseModel.clip_response``)."""
-    return response.clip_response(clips, i)
-
-
 def encode_store(
     vqgan_checkpoint: Path, clip_store: Path, out: Path, progress: bool = True, batch: int = 32,
     splits: tuple[str, ...] | None = None, stage2: Stage2Config | None = None, seed: int = 0,
@@ -132,7 +126,7 @@ def encode_store(
     voxels, latents = {}, {}  # train clip -> its residual (T, V) float16 / latent (T, c, d, h, w) float16
 
     def residual(i: int, clip: np.ndarray) -> np.ndarray:  # (T, D, H, W) minus the clip's response
-        clip = clip - clips.unmask(clip_response(fitted, clips, i)) if fitted is not None else clip
+        clip = clip - clips.unmask(fitted.clip_response(clips, i)) if fitted is not None else clip
         if i in fit_rows and i not in voxels:
             voxels[i] = clip[:, clips.mask].astype(np.float16)
         return clip

@@ -92,21 +92,28 @@ def find_run(path: str | Path) -> Path:
     return path
 
 
+def read_run_info(path: Path, given: str | Path) -> dict:
+    """``stage2.json`` of the run of checkpoint ``path`` (``given`` by the user), its recorded paths
+    resolved; a missing or damaged one is one line naming it."""
+    info_file = path.parent.parent / RUN_INFO
+    if not info_file.is_file():
+        raise FmrisynthError(f"not a diffusion checkpoint (no {RUN_INFO} in its run directory)", given)
+    try:
+        info = json.loads(info_file.read_text())
+        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
+        [info[k] for k in ("latent_shape", "conditions", "latent_mean", "latent_std", "blocks")]
+    except (ValueError, KeyError, TypeError) as e:
+        raise FmrisynthError(f"run description is damaged or incomplete ({e})", info_file) from None
+    return info
+
+
 def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = None,
                   prior: GaussianBackground | None = None) -> Denoiser:  # fmt: skip
     """The stage-2 model of a run directory (newest checkpoint), one checkpoint, or a demo folder."""
     path = latest_checkpoint(find_run(checkpoint))
-    info_file = path.parent.parent / RUN_INFO
-    if not info_file.is_file():
-        raise FmrisynthError(f"not a diffusion checkpoint (no {RUN_INFO} in its run directory)", checkpoint)
+    info = read_run_info(path, checkpoint)
     ckpt = load_checkpoint(path)
-    try:
-        info = json.loads(info_file.read_text())
-        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
-        shape, conditions = info["latent_shape"], info["conditions"]
-        [info[k] for k in ("latent_mean", "latent_std", "vqgan_checkpoint", "clip_store", "blocks")]
-    except (ValueError, KeyError, TypeError) as e:
-        raise FmrisynthError(f"run description is damaged or incomplete ({e})", info_file) from None
+    shape, conditions = info["latent_shape"], info["conditions"]
     model = build_denoiser(ckpt.config.model, shape, len(conditions))
     try:
         model.load_state_dict(ckpt.module_state("model", ema=True))
@@ -248,19 +255,14 @@ def load_generator(checkpoint: str | Path, device: str | torch.device | None = N
     """The generator of a stage-2 run directory or checkpoint: ``kind`` "ours" or "gaussian" (see KINDS)."""
     if kind not in KINDS:
         raise FmrisynthError(f"unknown generator {kind!r}; choose {' or '.join(KINDS)}")
-    run = find_run(checkpoint)
-    info_file = (run if (run / RUN_INFO).is_file() else latest_checkpoint(run).parent.parent) / RUN_INFO
-    try:
-        info = json.loads(info_file.read_text())
-        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
-        latents, clip_store = ClipStore(info["latents"]), ClipStore(info["clip_store"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise FmrisynthError(f"run description is damaged or incomplete ({e})", info_file) from None
+    path = latest_checkpoint(find_run(checkpoint))
+    info = read_run_info(path, checkpoint)
+    latents, clip_store = ClipStore(info["latents"]), ClipStore(info["clip_store"])
     extras = codec.latent_extras(latents)
     if kind == "gaussian":
-        config = load_checkpoint(latest_checkpoint(run)).config
+        config = load_checkpoint(path).config
         return Generator(None, None, extras, False, info, config, latents.path, clip_store.mask, clip_store.affine)
-    den = load_denoiser(checkpoint, device, extras.prior)
+    den = load_denoiser(path, device, extras.prior)
     vqgan = codec.load_vqgan(Path(den.info["vqgan_checkpoint"]), clip_store.mask)
     return Generator(den, vqgan, extras, den.config.stage2.codec_noise, den.info, den.config, den.checkpoint,
                      clip_store.mask, clip_store.affine)  # fmt: skip

@@ -40,7 +40,7 @@ any length are drawn and whitened the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,7 @@ class GaussianBackground:
     cov: np.ndarray  # (S + 1, K + 1, T, T) time covariance per subject (last: pooled) of each direction, last: rest
     tau: float  # sd of the clips' log gains (0: one Gaussian)
     gain_shrink: float  # share of a clip's log-variance deviation that is gain (the rest is sampling noise)
+    _factors: dict = field(default_factory=dict, repr=False, compare=False)  # frames -> ``factors(frames)``
 
     # ---- fitting ---------------------------------------------------------------------------------------------
     @classmethod
@@ -99,11 +100,11 @@ class GaussianBackground:
         plain = cls._fit_centred(x, order, sid, counts, shrink, mean, components, max_frames, seed)
         if not gains:
             return plain
-        spread2 = float((deviation(x) ** 2).mean())
-        noise2 = float((deviation(torch.from_numpy(plain.sample(x.shape[1], sid, np.random.default_rng(seed)))
-                                   - torch.from_numpy(mean[sid].astype(np.float32))[:, None]) ** 2).mean())  # fmt: skip
-        tau2 = max(spread2 - noise2, 0.0)
-        gain = deviation(x) * tau2 / spread2 if spread2 > 0 else np.zeros(len(x))  # (N,) shrunk log gains
+        dev = deviation(x)
+        spread2 = float((dev**2).mean())
+        drawn = torch.from_numpy(plain.sample(x.shape[1], sid, np.random.default_rng(seed)))  # (N, T, E), no gains
+        tau2 = max(spread2 - float((deviation(drawn) ** 2).mean()), 0.0)
+        gain = dev * tau2 / spread2 if spread2 > 0 else np.zeros(len(x))  # (N,) shrunk log gains
         model = cls._fit_centred(x * torch.from_numpy(np.exp(-gain / 2)).float()[:, None, None], order, sid, counts,
                                  shrink, mean, components, max_frames, seed)  # fmt: skip
         model.tau, model.gain_shrink = float(np.sqrt(tau2)), tau2 / spread2 if spread2 > 0 else 0.0
@@ -159,11 +160,14 @@ class GaussianBackground:
         return p, y - p @ self._t("q", y).T
 
     def factors(self, frames: int) -> np.ndarray:
-        """Cholesky factors (S + 1, K + 1, frames, frames) of the time covariances for ``frames`` frames."""
-        t = self.cov.shape[-1]
-        cov = self.cov.astype(np.float64) if frames == t else stationary(self.cov, frames)
-        jitter = 1e-5 * np.trace(cov, axis1=-2, axis2=-1)[..., None, None] / frames * np.eye(frames)
-        return np.linalg.cholesky(cov + jitter).astype(np.float32)
+        """Cholesky factors (S + 1, K + 1, frames, frames) of the time covariances for ``frames`` frames,
+        computed once per length (every generated clip or run colours with them)."""
+        if frames not in self._factors:
+            t = self.cov.shape[-1]
+            cov = self.cov.astype(np.float64) if frames == t else stationary(self.cov, frames)
+            jitter = 1e-5 * np.trace(cov, axis1=-2, axis2=-1)[..., None, None] / frames * np.eye(frames)
+            self._factors[frames] = np.linalg.cholesky(cov + jitter).astype(np.float32)
+        return self._factors[frames]
 
     def _subject_rows(self, subjects: torch.Tensor | np.ndarray | list[int]) -> torch.Tensor:
         idx = subjects.long() if isinstance(subjects, torch.Tensor) else torch.as_tensor(np.asarray(subjects)).long()
@@ -172,7 +176,7 @@ class GaussianBackground:
     def whiten(self, x: torch.Tensor, subjects, factors: torch.Tensor | None = None) -> torch.Tensor:
         """Clips x (B, T, E) of subjects (B,) (indices, POOLED allowed) -> white noise (B, T, E).
 
-        With gains (tau > 0) each clip's own gain, estimated from its mean square, is divided out.
+        With gains (tau > 0) each clip's own gain, estimated from its within-clip variance, is divided out.
         """
         rows = self._subject_rows(subjects).to(x.device)
         chol = torch.as_tensor(self.factors(x.shape[1]) if factors is None else factors, device=x.device)[rows]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import PRIOR, GaussianBackground
 from fmrisynth.models.diffusion import Diffusion
 from fmrisynth.models.presets import build_denoiser
-from fmrisynth.publish import record_path, resolve_recorded
+from fmrisynth.publish import record_path, resolve_recorded, staged_file
 from fmrisynth.training.loop import Objective, check_train_config, fit, load_checkpoint, main_only
 
 MEASURE_CLIPS = 64  # training clips behind the model's x0 error per timestep (stage2.json "x0_error")
@@ -54,10 +55,10 @@ class DiffusionObjective(Objective):
     config_sections = ("model", "diffusion", "stage2")
 
     def __init__(self, model: torch.nn.Module, diffusion: Diffusion, mean: list, std: list, designs: torch.Tensor,
-                 references: dict[str, float], prior: GaussianBackground | None = None,
-                 subjects: torch.Tensor | None = None):  # fmt: skip
+                 prior: GaussianBackground | None = None, subjects: torch.Tensor | None = None):  # fmt: skip
         super().__init__()
-        self.model, self.diffusion, self.references, self.prior = model, diffusion, references, prior
+        self.model, self.diffusion, self.prior = model, diffusion, prior
+        self.references: dict[str, float] = {}  # logged with every loss; measured on ``clean`` clips once built
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)  # (c,)
         self.register_buffer("designs", designs, persistent=False)  # (n items in the store, T)
@@ -117,24 +118,23 @@ def block_contexts(store: ClipStore, train) -> dict[str, list] | None:
                 for _, row in rows.iterrows()] for c, rows in train.groupby("condition")}  # fmt: skip
 
 
-def element_variance(store: ClipStore, rows, prior: GaussianBackground | None = None,
-                     subjects: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
-    """Variance of each latent element (T, c, d, h, w) over the clips ``rows``, in the units the model sees.
+def clean_batches(objective: DiffusionObjective, dataset, positions: np.ndarray,
+                  size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """(clips as the model learns them (b, T, c, d, h, w), labels (b,), designs (b, T)) of the dataset
+    items ``positions``, about ``size`` at a time, on the objective's device."""
+    device = objective.mean.device
+    for chunk in np.array_split(positions, max(1, len(positions) // size)):
+        batch = {k: v.to(device) for k, v in default_collate([dataset[int(k)] for k in chunk]).items()}
+        yield objective.clean(batch), batch["label"], objective.designs[batch["index"]]
 
-    Normalised per channel, and whitened by ``prior`` (each clip by its subject's model) when given.
-    """
-    c = store.item_shape[1]
-    mean, std = (torch.tensor(store.header[k], dtype=torch.float32).reshape(c, 1, 1, 1) for k in ("latent_mean", "latent_std"))
-    factors = torch.from_numpy(prior.factors(store.item_shape[0])) if prior is not None else None
-    total = torch.zeros(store.item_shape, dtype=torch.float64)
-    squares = torch.zeros(store.item_shape, dtype=torch.float64)
-    for chunk in np.array_split(np.asarray(rows), max(1, len(rows) // 64)):
-        z = (torch.from_numpy(np.stack([store.item(int(i)) for i in chunk])).float() - mean) / std  # (b, T, c, d, h, w)
-        if prior is not None:
-            z = prior.whiten(z.flatten(2), subjects[chunk], factors).reshape(z.shape)
-        total += z.double().sum(0)
-        squares += z.double().pow(2).sum(0)
-    n = max(len(rows), 1)
+
+def element_variance(objective: DiffusionObjective, dataset) -> torch.Tensor:
+    """Variance of each latent element (T, c, d, h, w) over the dataset's clips, in the units the model
+    sees (``DiffusionObjective.clean``: normalised per channel, whitened by the prior when there is one)."""
+    total, squares = 0.0, 0.0
+    for z, _, _ in clean_batches(objective, dataset, np.arange(len(dataset)), 64):
+        total, squares = total + z.double().sum(0), squares + z.double().pow(2).sum(0)
+    n = max(len(dataset), 1)
     return (squares / n - (total / n) ** 2).clamp(min=0)
 
 
@@ -154,9 +154,9 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
     model = build_denoiser(cfg.model, store.item_shape, len(store.conditions))
     diffusion = Diffusion(cfg.diffusion, len(store.conditions))
     prior, subjects = load_prior(store, cfg.stage2)
-    references = diffusion.reference_losses(element_variance(store, dataset.rows, prior, subjects))
     objective = DiffusionObjective(model, diffusion, store.header["latent_mean"], store.header["latent_std"], designs,
-                                   references, prior, subjects)  # fmt: skip
+                                   prior, subjects)  # fmt: skip
+    objective.references = references = diffusion.reference_losses(element_variance(objective, dataset))
     train = m.iloc[dataset.rows]
     info = {
         "latents": record_path(store.path, out / RUN_INFO),  # paths relative to stage2.json (fmrisynth.publish)
@@ -172,23 +172,18 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
         **references,
     }
     def write_info() -> None:  # under torchrun: rank 0 only
-        out.mkdir(parents=True, exist_ok=True)
-        (out / f"{RUN_INFO}.tmp").write_text(json.dumps(info))
-        (out / f"{RUN_INFO}.tmp").replace(out / RUN_INFO)
+        with staged_file(out / RUN_INFO) as tmp:
+            tmp.write_text(json.dumps(info))
 
     main_only(write_info)
     last = fit(objective, dataset, cfg.train, out, cfg.seed, resume=resume, config=cfg, desc="train", progress=progress)
 
     def measure() -> None:  # after training, on rank 0: the x0 error the analytic sampler's variance needs
-        device = objective.mean.device
         ema = build_denoiser(cfg.model, store.item_shape, len(store.conditions))
         ema.load_state_dict(load_checkpoint(last).module_state("model", ema=True))
         picked = np.random.default_rng(cfg.seed).permutation(len(dataset))[:MEASURE_CLIPS]
-        batches = []
-        for chunk in np.array_split(picked, max(1, len(picked) // cfg.train.batch_size)):
-            batch = {k: v.to(device) for k, v in default_collate([dataset[int(k)] for k in chunk]).items()}
-            batches.append((objective.clean(batch), batch["label"], objective.designs[batch["index"]]))
-        info["x0_error"] = diffusion.measure_x0_error(ema.to(device).eval(), batches, seed=cfg.seed)
+        batches = list(clean_batches(objective, dataset, picked, cfg.train.batch_size))
+        info["x0_error"] = diffusion.measure_x0_error(ema.to(objective.mean.device).eval(), batches, seed=cfg.seed)
         write_info()
 
     main_only(measure)
