@@ -8,6 +8,7 @@ wait. Single-process code calls the same functions and they do the obvious thing
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from typing import Callable, TypeVar
@@ -88,7 +89,16 @@ def init_distributed() -> torch.device:
     if "RANK" in os.environ and not dist.is_initialized():
         # generous: the other ranks wait at a barrier while rank 0 encodes a whole store
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=2))
+        # leave the group before the interpreter tears down: a gloo group left to its destructor at exit
+        # can abort the process ("terminate called without an active exception", seen on CI's 2 cores)
+        atexit.register(leave_distributed)
     return device
+
+
+def leave_distributed() -> None:
+    """Destroy the process group if this process joined one (registered at exit by ``init_distributed``)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def mean_over_ranks(x: torch.Tensor) -> torch.Tensor:
