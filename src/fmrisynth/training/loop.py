@@ -275,116 +275,39 @@ def fit(
     noise generator, RNG, data position), bit for bit on CPU. ``train_cfg.max_minutes`` stops early,
     cleanly, with a checkpoint.
     """
-    from tqdm import tqdm
-
     cfg, out = train_cfg, Path(out)
     check_train_config(cfg, _section_of(cfg, config))
     if len(dataset) == 0:
         raise FmrisynthError("the training set is empty (no clips in the train split)", out)
     device = init_distributed()
     rank, world = rank_and_world()
-    random.seed(seed + rank)
-    np.random.seed(seed + rank)
-    torch.manual_seed(seed + rank)
-    objective.to(device)
-    objective.generator = torch.Generator(device=device).manual_seed(seed)
-
-    opts = {p: torch.optim.AdamW(objective.parameters_of(p), lr=cfg.lr, weight_decay=cfg.weight_decay) for p in objective.parts}
-    ema = None
-    if objective.ema_target is not None and cfg.ema_decay > 0:
-        ema = copy.deepcopy(getattr(objective, objective.ema_target)).requires_grad_(False).eval()
+    _seed_run(objective, seed, rank, device)
+    opts, ema = _optimisers_and_ema(objective, cfg)
 
     batch = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "ranks": world}
     loaded: list = []  # rank 0 keeps what it loaded while choosing; the others load the path it chose
     path = main_only(_prepare_run, out, resume, objective, config, seed, batch, loaded)
-    step = 0
-    if path is not None:
-        ckpt, state = loaded[0] if loaded else (load_checkpoint(path), None)
-        state = state if state is not None else load_state(ckpt)
-        objective.load_state_dict(ckpt.weights)
-        if ema is not None and ckpt.ema is not None:
-            ema.load_state_dict(ckpt.ema)
-        for k, o in opts.items():
-            o.load_state_dict(state["optimizers"][k])
-        if "generator" in state:
-            objective.generator.set_state(state["generator"])
-        rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]
-        if rank < len(rngs):
-            _set_rng_state(rngs[rank], device)
-        step = state["step"]
-        del ckpt, state, loaded[:]
+    step = 0 if path is None else _restore(path, loaded, objective, ema, opts, rank, device)
 
-    model = objective
-    if world > 1:
-        model = nn.parallel.DistributedDataParallel(
-            objective, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=len(objective.parts) > 1,
-        )
-    log = open(out / LOG, "a") if rank == 0 else None
+    model = _ddp(objective, device) if world > 1 else objective
+    log = _Log(out, rank, step, cfg.steps, desc, progress)
     batches = _epochs(dataset, cfg, seed, rank, world, step)
-    bar = tqdm(total=cfg.steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
     t_start = time.perf_counter()
-    t_log, clips_since = t_start, 0
     objective.train()
     while step < cfg.steps:
         lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
         micro = [_to(next(batches), device) for _ in range(cfg.grad_accum)]
-        logs: dict[str, float] = {}
-        total = 0.0
-        for part in objective.parts:
-            opt = opts[part]
-            for group in opt.param_groups:
-                group["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            part_loss = torch.zeros((), device=device)
-            for i, mb in enumerate(micro):
-                # accumulate locally; gradients are averaged over ranks once, on the last micro-batch
-                sync = world == 1 or i == len(micro) - 1
-                with contextlib.nullcontext() if sync else model.no_sync():
-                    with autocast(device, cfg.amp):
-                        loss, part_logs = model(mb, step, part)
-                    (loss / cfg.grad_accum).backward()
-                part_loss += loss.detach().float() / cfg.grad_accum
-                for k, v in part_logs.items():
-                    logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
-            part_loss = mean_over_ranks(part_loss).item()  # every rank sees the same value, so all stop together
-            if not math.isfinite(part_loss):
-                raise FmrisynthError(f"loss of part {part!r} became {part_loss} at step {step}; lower the lr", out)
-            total += part_loss
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(objective.parameters_of(part), cfg.grad_clip)
-            opt.step()
+        total, logs = _step(model, objective, opts, micro, step, lr, cfg, device, out)
         step += 1
         if ema is not None:
-            decay = min(cfg.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                src = getattr(objective, objective.ema_target)
-                for e, p in zip(ema.parameters(), src.parameters()):
-                    e.lerp_(p, 1.0 - decay)
-                for e, b in zip(ema.buffers(), src.buffers()):
-                    e.copy_(b)
-        clips_since += cfg.batch_size * cfg.grad_accum * world
-        bar.update(1)
-        timed_out = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
-        if cfg.max_minutes is not None and world > 1:  # stop together when any rank runs out
-            timed_out = bool(mean_over_ranks(torch.tensor([float(timed_out)], device=device)).item() > 0)
+            _update_ema(ema, getattr(objective, objective.ema_target), min(cfg.ema_decay, (1 + step) / (10 + step)))
+        log.stepped(cfg.batch_size * cfg.grad_accum * world)
+        timed_out = _out_of_time(cfg, t_start, world, device)
         last = step == cfg.steps or timed_out
         if step % cfg.log_every == 0 or last:
-            keys = sorted(logs)
-            means = mean_over_ranks(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)).tolist()
-            if log is not None:
-                now = time.perf_counter()
-                row = {"step": step, "loss": total, "lr": lr, "clips_per_s": clips_since / max(now - t_log, 1e-9),
-                       **dict(zip(keys, means))}  # fmt: skip
-                log.write(json.dumps(row) + "\n")
-                log.flush()
-                bar.set_postfix(loss=f"{total:.4f}", clips_s=f"{row['clips_per_s']:.1f}")
-                t_log, clips_since = now, 0
+            log.row(step, total, lr, logs, device)
         if step % cfg.ckpt_every == 0 or last:
-            rngs = [_rng_state(device)]
-            if world > 1:
-                rngs = [None] * world
-                dist.all_gather_object(rngs, _rng_state(device))
+            rngs = _rng_states(device, world)
             if rank == 0:
                 state = {"step": step, "optimizers": {k: o.state_dict() for k, o in opts.items()},
                          "generator": objective.generator.get_state(), "rng": rngs}  # fmt: skip
@@ -392,8 +315,149 @@ def fit(
                 save_checkpoint(out, step, objective, ema, state, meta, config, cfg.keep_ckpts)
         if timed_out:
             break
-    bar.close()
-    if log is not None:
-        log.close()
+    log.close()
     barrier()
     return latest_checkpoint(out)
+
+
+def _seed_run(objective: Objective, seed: int, rank: int, device: torch.device) -> None:
+    """Seed the global RNGs per rank (dropout, model-internal draws) and the objective's noise
+    generator identically on every rank, on the training device (module docstring: randomness)."""
+    random.seed(seed + rank)
+    np.random.seed(seed + rank)
+    torch.manual_seed(seed + rank)
+    objective.to(device)
+    objective.generator = torch.Generator(device=device).manual_seed(seed)
+
+
+def _optimisers_and_ema(objective: Objective, cfg: TrainConfig) -> tuple[dict[str, torch.optim.AdamW], nn.Module | None]:
+    """One AdamW per part, and a frozen copy of ``objective.ema_target`` (None without EMA)."""
+    opts = {p: torch.optim.AdamW(objective.parameters_of(p), lr=cfg.lr, weight_decay=cfg.weight_decay) for p in objective.parts}
+    ema = None
+    if objective.ema_target is not None and cfg.ema_decay > 0:
+        ema = copy.deepcopy(getattr(objective, objective.ema_target)).requires_grad_(False).eval()
+    return opts, ema
+
+
+def _restore(path: Path, loaded: list, objective: Objective, ema: nn.Module | None, opts: dict, rank: int,
+             device: torch.device) -> int:  # fmt: skip
+    """Load the checkpoint at ``path`` into the run (weights, EMA, optimisers, noise generator, this
+    rank's RNG) and return its step. Rank 0 reuses what ``_prepare_run`` loaded (``loaded``, emptied
+    here); the other ranks read the path it chose."""
+    ckpt, state = loaded[0] if loaded else (load_checkpoint(path), None)
+    state = state if state is not None else load_state(ckpt)
+    objective.load_state_dict(ckpt.weights)
+    if ema is not None and ckpt.ema is not None:
+        ema.load_state_dict(ckpt.ema)
+    for k, o in opts.items():
+        o.load_state_dict(state["optimizers"][k])
+    if "generator" in state:
+        objective.generator.set_state(state["generator"])
+    rngs = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank; older: one
+    if rank < len(rngs):
+        _set_rng_state(rngs[rank], device)
+    del loaded[:]
+    return state["step"]
+
+
+def _ddp(objective: Objective, device: torch.device) -> nn.Module:
+    """``objective`` wrapped for torchrun; a GAN's parts each leave the other's parameters unused."""
+    return nn.parallel.DistributedDataParallel(
+        objective, device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=len(objective.parts) > 1,
+    )
+
+
+def _step(model: nn.Module, objective: Objective, opts: dict, micro: list[dict], step: int, lr: float,
+          cfg: TrainConfig, device: torch.device, out: Path) -> tuple[float, dict[str, float]]:  # fmt: skip
+    """One optimiser step of every part over the micro-batches ``micro``; return (the summed loss of
+    the parts, this rank's logs averaged over micro-batches). ``model`` is ``objective`` or its DDP
+    wrapper: gradients are accumulated locally and averaged over ranks once, on the last micro-batch."""
+    world = rank_and_world()[1]
+    logs: dict[str, float] = {}
+    total = 0.0
+    for part in objective.parts:
+        opt = opts[part]
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        part_loss = torch.zeros((), device=device)
+        for i, mb in enumerate(micro):
+            # accumulate locally; gradients are averaged over ranks once, on the last micro-batch
+            sync = world == 1 or i == len(micro) - 1
+            with contextlib.nullcontext() if sync else model.no_sync():
+                with autocast(device, cfg.amp):
+                    loss, part_logs = model(mb, step, part)
+                (loss / cfg.grad_accum).backward()
+            part_loss += loss.detach().float() / cfg.grad_accum
+            for k, v in part_logs.items():
+                logs[k] = logs.get(k, 0.0) + float(v) / cfg.grad_accum
+        part_loss = mean_over_ranks(part_loss).item()  # every rank sees the same value, so all stop together
+        if not math.isfinite(part_loss):
+            raise FmrisynthError(f"loss of part {part!r} became {part_loss} at step {step}; lower the lr", out)
+        total += part_loss
+        if cfg.grad_clip > 0:
+            nn.utils.clip_grad_norm_(objective.parameters_of(part), cfg.grad_clip)
+        opt.step()
+    return total, logs
+
+
+@torch.no_grad()
+def _update_ema(ema: nn.Module, src: nn.Module, decay: float) -> None:
+    """Move the EMA parameters towards ``src``'s by ``1 - decay``; copy its buffers (e.g. norm stats)."""
+    for e, p in zip(ema.parameters(), src.parameters()):
+        e.lerp_(p, 1.0 - decay)
+    for e, b in zip(ema.buffers(), src.buffers()):
+        e.copy_(b)
+
+
+def _out_of_time(cfg: TrainConfig, t_start: float, world: int, device: torch.device) -> bool:
+    """Whether ``cfg.max_minutes`` has run out; under torchrun, on any rank (so all stop together)."""
+    timed_out = cfg.max_minutes is not None and time.perf_counter() - t_start > 60 * cfg.max_minutes
+    if cfg.max_minutes is not None and world > 1:
+        timed_out = bool(mean_over_ranks(torch.tensor([float(timed_out)], device=device)).item() > 0)
+    return timed_out
+
+
+def _rng_states(device: torch.device, world: int) -> list[dict]:
+    """Every rank's RNG state, in rank order (a collective under torchrun: all ranks must call it)."""
+    if world == 1:
+        return [_rng_state(device)]
+    rngs = [None] * world
+    dist.all_gather_object(rngs, _rng_state(device))
+    return rngs
+
+
+class _Log:
+    """train_log.jsonl and the progress bar, on rank 0; the other ranks only join in the mean of the logs."""
+
+    def __init__(self, out: Path, rank: int, step: int, steps: int, desc: str, progress: bool):
+        from tqdm import tqdm
+
+        self.file = open(out / LOG, "a") if rank == 0 else None
+        self.bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
+        self.t_log, self.clips_since = time.perf_counter(), 0
+
+    def stepped(self, clips: int) -> None:
+        self.clips_since += clips
+        self.bar.update(1)
+
+    def row(self, step: int, total: float, lr: float, logs: dict[str, float], device: torch.device) -> None:
+        """Log one row: the loss, lr, throughput since the last row and the logs' means over ranks
+        (a collective under torchrun: all ranks must call it)."""
+        keys = sorted(logs)
+        means = mean_over_ranks(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)).tolist()
+        if self.file is None:
+            return
+        now = time.perf_counter()
+        row = {"step": step, "loss": total, "lr": lr, "clips_per_s": self.clips_since / max(now - self.t_log, 1e-9),
+               **dict(zip(keys, means))}  # fmt: skip
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        self.bar.set_postfix(loss=f"{total:.4f}", clips_s=f"{row['clips_per_s']:.1f}")
+        self.t_log, self.clips_since = now, 0
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.file is not None:
+            self.file.close()
