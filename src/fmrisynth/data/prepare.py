@@ -130,16 +130,14 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
     """
     from tqdm import tqdm
 
-    from fmrisynth.data.preprocess import NORMALISE, load_mask, preprocess_run
+    from fmrisynth.data.preprocess import load_mask, preprocess_run
     from fmrisynth.data.store import StoreWriter
 
     t0 = time.perf_counter()
     d = cfg.data
-    if d.normalise not in NORMALISE:
-        raise FmrisynthError(f"unknown normalisation {d.normalise!r}; choose {', '.join(NORMALISE)}")
-    if d.clip_len < 1 or d.jitter_frames < 0:
-        raise FmrisynthError(f"clip_len must be >= 1 and jitter_frames >= 0 (got {d.clip_len}, {d.jitter_frames})")
+    _check_data_config(d)
     grid = get_grid(d.grid)
+    # first pass: headers and events only, so that a bad file fails before anything is written
     runs = find_runs(source, Path(root))
     check_affines(runs)
     condition_set = DEFAULT_CONDITIONS.get(source, "all") if d.conditions == "auto" else d.conditions
@@ -148,69 +146,25 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
     plans = [(run, clips) for run, clips in plans if clips]
     if not plans:
         raise FmrisynthError("no clips to cut: no run has an event of the chosen conditions", root)
-    # Split only what yields clips, so a subject without the chosen conditions takes no split's place.
-    split_by = "subject" if len({run.subject for run, _ in plans}) > 1 else "run"
-    unit = (lambda r: r.subject) if split_by == "subject" else (lambda r: r.key)
-    splits = split_units(sorted({unit(run) for run, _ in plans}), d.split, cfg.seed)
-    if not any(splits[unit(run)] == "train" for run, _ in plans):
-        raise FmrisynthError(
-            f"no training clips: every {split_by} with clips went to val/test (data.split {tuple(d.split)}); "
-            "give the train split a share",
-            root,
-        )
+    split_by, splits = _split_plans(plans, d.split, cfg.seed, root)
 
+    # second pass: one run at a time through preprocessing into the store
     mask = load_mask(d.mask, grid)
-    counts = {c: dict.fromkeys(SPLITS, 0) for c in conditions}
-    trs = sorted({run.tr for run, _ in plans})
-    summary = {
-        "source": source,
-        "root": record_path(root, Path(out) / "store.json"),  # relative to store.json (fmrisynth.publish)
-        "dataset": runs[0].dataset,
-        "runs": len(plans),
-        "subjects": len({run.subject for run, _ in plans}),
-        "split_by": split_by,
-        "grid": grid.name,
-        "grid_shape": list(grid.shape),
-        "voxels": int(mask.sum()),
-        "tr": trs[0] if len(trs) == 1 else trs,
-        "clip_len": d.clip_len,
-        "condition_set": condition_set,
-        "conditions": conditions,
-        "missing_conditions": missing,
-        "counts": counts,
-        "nan_voxels_masked": 0,
-        "min_mask_coverage": None,  # the lowest fraction of the brain mask a run's own brain covers
-        "runs_off_mask": 0,  # runs below MIN_COVERAGE: perhaps not in MNI space
-    }
+    summary = _summary(source, root, out, runs[0].dataset, plans, split_by, grid, int(mask.sum()), d.clip_len,
+                       condition_set, conditions, missing)  # fmt: skip
     meta = {"grid": grid.name, "voxel_mm": grid.voxel_mm, "split_by": split_by, "config": to_dict(cfg)}
     writer = StoreWriter(out, (d.clip_len, int(mask.sum())), grid.affine, grid.shape, conditions, mask=mask, meta=meta)
     volumes = 0
     with writer, tqdm(plans, desc="prepare", unit="run", disable=not progress) as bar:
-        for run, clips in bar:
+        for (run, clips), split in zip(bar, splits):
             x, dropped, coverage = preprocess_run(run, grid, mask, d.normalise)  # (T_run, V)
             volumes += run.n_frames
             summary["nan_voxels_masked"] += dropped
             if coverage is not None:
-                low = summary["min_mask_coverage"]
-                summary["min_mask_coverage"] = round(coverage if low is None else min(low, coverage), 3)
-                if coverage < MIN_COVERAGE and not summary["runs_off_mask"]:
-                    warnings.warn(
-                        f"{run.path}: its brain covers only {coverage:.0%} of the "
-                        f"{'MNI' if d.mask is None else 'given'} brain mask on the {grid.name} grid; "
-                        "is it in MNI space? Native-space data are resampled as if they were",
-                        stacklevel=2,
-                    )
-                summary["runs_off_mask"] += coverage < MIN_COVERAGE
-            split = splits[unit(run)]
+                _note_coverage(summary, run, coverage, "MNI" if d.mask is None else "given", grid.name)
             for clip in clips:
-                writer.add(
-                    x[clip.start_frame : clip.start_frame + d.clip_len],  # (T, V)
-                    subject=run.subject, task=run.task, run=run.run, pe=run.pe, condition=clip.condition,
-                    label=conditions.index(clip.condition), onset_s=round(clip.onset_s, 4),
-                    duration_s=clip.duration_s, tr=run.tr, start_frame=clip.start_frame, split=split,
-                    dataset=run.dataset, source=str(run.path),
-                )  # fmt: skip
-                counts[clip.condition][split] += 1
+                _add_clip(writer, run, clip, x[clip.start_frame : clip.start_frame + d.clip_len], split, conditions)
+                summary["counts"][clip.condition][split] += 1
             del x
             bar.set_postfix(clips=len(writer.rows))
         write_run_events(writer.tmp, [run for run, _ in plans])  # the whole design, for the response model
@@ -220,6 +174,82 @@ def prepare(source: str, root: Path, out: Path, cfg: Config, progress: bool = Tr
         writer.header["summary"] = summary
     summary["out"] = str(out)
     return summary
+
+
+def _check_data_config(d) -> None:
+    """Refuse a normalisation or clip settings ``prepare`` cannot follow, before reading any run."""
+    from fmrisynth.data.preprocess import NORMALISE
+
+    if d.normalise not in NORMALISE:
+        raise FmrisynthError(f"unknown normalisation {d.normalise!r}; choose {', '.join(NORMALISE)}")
+    if d.clip_len < 1 or d.jitter_frames < 0:
+        raise FmrisynthError(f"clip_len must be >= 1 and jitter_frames >= 0 (got {d.clip_len}, {d.jitter_frames})")
+
+
+def _split_plans(plans: list[tuple[Run, list[Clip]]], fractions: tuple[float, ...], seed: int,
+                 root: Path) -> tuple[str, list[str]]:  # fmt: skip
+    """("subject" or "run", the split of each planned run): subjects are split, or the runs of a
+    one-subject dataset. Only runs that yield clips are split, so that a subject without the chosen
+    conditions takes no split's place; refuses a split that leaves no training clips."""
+    split_by = "subject" if len({run.subject for run, _ in plans}) > 1 else "run"
+    unit = (lambda r: r.subject) if split_by == "subject" else (lambda r: r.key)
+    of_unit = split_units(sorted({unit(run) for run, _ in plans}), fractions, seed)
+    splits = [of_unit[unit(run)] for run, _ in plans]
+    if "train" not in splits:
+        raise FmrisynthError(
+            f"no training clips: every {split_by} with clips went to val/test (data.split {tuple(fractions)}); "
+            "give the train split a share",
+            root,
+        )
+    return split_by, splits
+
+
+def _summary(source: str, root: Path, out: Path, dataset: str, plans: list, split_by: str, grid, voxels: int,
+             clip_len: int, condition_set: str, conditions: list[str], missing: list[str]) -> dict:  # fmt: skip
+    """The summary before the second pass, its counts at zero (the second pass fills them in)."""
+    trs = sorted({run.tr for run, _ in plans})
+    return {
+        "source": source,
+        "root": record_path(root, Path(out) / "store.json"),  # relative to store.json (fmrisynth.publish)
+        "dataset": dataset,
+        "runs": len(plans),
+        "subjects": len({run.subject for run, _ in plans}),
+        "split_by": split_by,
+        "grid": grid.name,
+        "grid_shape": list(grid.shape),
+        "voxels": voxels,
+        "tr": trs[0] if len(trs) == 1 else trs,
+        "clip_len": clip_len,
+        "condition_set": condition_set,
+        "conditions": conditions,
+        "missing_conditions": missing,
+        "counts": {c: dict.fromkeys(SPLITS, 0) for c in conditions},
+        "nan_voxels_masked": 0,
+        "min_mask_coverage": None,  # the lowest fraction of the brain mask a run's own brain covers
+        "runs_off_mask": 0,  # runs below MIN_COVERAGE: perhaps not in MNI space
+    }
+
+
+def _note_coverage(summary: dict, run: Run, coverage: float, mask_name: str, grid_name: str) -> None:
+    """Record a run's brain-mask coverage in the summary; warn once, at the first run below MIN_COVERAGE."""
+    low = summary["min_mask_coverage"]
+    summary["min_mask_coverage"] = round(coverage if low is None else min(low, coverage), 3)
+    if coverage < MIN_COVERAGE and not summary["runs_off_mask"]:
+        warnings.warn(
+            f"{run.path}: its brain covers only {coverage:.0%} of the {mask_name} brain mask on the {grid_name} "
+            "grid; is it in MNI space? Native-space data are resampled as if they were",
+            stacklevel=3,  # prepare's caller
+        )
+    summary["runs_off_mask"] += coverage < MIN_COVERAGE
+
+
+def _add_clip(writer, run: Run, clip: Clip, x: np.ndarray, split: str, conditions: list[str]) -> None:
+    """Write one clip ``x`` (T, V) of ``run`` with its row of the manifest."""
+    writer.add(
+        x, subject=run.subject, task=run.task, run=run.run, pe=run.pe, condition=clip.condition,
+        label=conditions.index(clip.condition), onset_s=round(clip.onset_s, 4), duration_s=clip.duration_s,
+        tr=run.tr, start_frame=clip.start_frame, split=split, dataset=run.dataset, source=str(run.path),
+    )  # fmt: skip
 
 
 def format_summary(s: dict) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ import numpy as np
 from fmrisynth.config import Config, EvalConfig, save_config
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate import metrics as M
-from fmrisynth.evaluate.clips import open_generated, open_real, read_item, split_spec
+from fmrisynth.evaluate.clips import ClipSet, open_generated, open_real, read_item, split_spec
 from fmrisynth.evaluate.passes import Pass, halves, map_metrics, stream, task_metrics, timecourses
 from fmrisynth.evaluate.realism import (MIN_C2ST_CLIPS, between_clip_ratio, c2st, compare, make_probe,
                                         mean_clip_distance, two_sample_tests)
@@ -159,9 +160,24 @@ def map_name(kind: str, condition: str) -> str:
     return f"maps/{kind}_{re.sub(r'[^A-Za-z0-9.-]+', '-', condition)}_t.nii.gz"
 
 
-def _yardsticks(store, real_set, gen_set, conditions: list[str], ref_spec: str, default: bool, cfg: Config) -> tuple:
-    """The reference clips, their codec reconstructions and the truth maps, each with where it came
-    from, and notes on those that cannot be had (a missing default reference is a note, not an error)."""
+@dataclass
+class _Yardsticks:
+    """What the generated clips are judged beside: real clips of other people (``reference``), their
+    codec reconstructions (``codec``) and the simulator's true maps (``truth``, (C, V)), each with where
+    it came from; None where there is none, and ``notes`` on why."""
+
+    reference: ClipSet | None
+    reference_info: dict
+    codec: ClipSet | None
+    codec_source: str
+    truth: np.ndarray | None
+    truth_source: str
+    notes: list[str]
+
+
+def _yardsticks(store, real_set, gen_set, conditions: list[str], ref_spec: str, default: bool, cfg: Config) -> _Yardsticks:
+    """The reference clips, their codec reconstructions and the truth maps, and notes on those that
+    cannot be had (a missing default reference is a note, not an error)."""
     notes = []
     counts = {c: int((gen_set.table["condition"] == c).sum()) for c in conditions}
     try:
@@ -180,7 +196,23 @@ def _yardsticks(store, real_set, gen_set, conditions: list[str], ref_spec: str, 
     truth, truth_source = truth_maps(store, conditions)
     if truth is None:
         notes.append(f"no truth: {truth_source}")
-    return ref_set, ref_info, codec, codec_source, truth, truth_source, notes
+    return _Yardsticks(ref_set, ref_info, codec, codec_source, truth, truth_source, notes)
+
+
+@dataclass
+class _Passes:
+    """One streamed pass (``passes.stream``) over each set of an evaluation; reference and codec are
+    None where there are none."""
+
+    real: Pass
+    generated: Pass
+    reference: Pass | None
+    codec: Pass | None
+    maps: dict[str, np.ndarray]  # group t maps (C, V) written to maps/: real, generated, reference if any
+    voxels: np.ndarray  # (F,) the sampled voxels of every pass's features
+    parcellation: str  # of the realism probe
+    split_of: np.ndarray  # (n,) the half (0 or 1) of each real table row, for the noise ceiling
+    split_by: str
 
 
 def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, reference: str | None = None) -> dict:
@@ -197,11 +229,22 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     Returns:
         The metrics written to ``out/metrics.json``.
     """
-    import nibabel as nib
-
-    out, ecfg, seed = Path(out), cfg.eval, cfg.seed
+    out, ecfg = Path(out), cfg.eval
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "metrics.json").is_file())):
         raise FmrisynthError("output exists and is not an evaluation; choose another --out", out)
+    store, real_set, gen_set, conditions = _open_sets(real, generated, ecfg)
+    yard = _yardsticks(store, real_set, gen_set, conditions, reference or f"{store.path}:{ecfg.reference_split}",
+                       reference is None, cfg)  # fmt: skip
+    p = _stream_all(store, real_set, gen_set, yard, conditions, ecfg, cfg.seed)
+    result, arrays = _metrics(str(real), str(generated), store, (real_set.table, gen_set.table), conditions, p, yard,
+                              ecfg, cfg.seed)  # fmt: skip
+    _write(out, store, conditions, p.maps, arrays, cfg, result)
+    return result
+
+
+def _open_sets(real: str, generated: str | Path, ecfg: EvalConfig) -> tuple:
+    """(store, real clips, generated clips, the task conditions of the generated clips in store
+    order); refuses a generated condition without real clips."""
     store, real_set = open_real(real, ecfg.split)
     gen_set = open_generated(generated, store, real_set.n_frames)
     conditions = [c for c in store.conditions if c in set(gen_set.table["condition"]) - NO_TASK]
@@ -210,10 +253,13 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     for c in conditions:
         if not (real_set.table["condition"] == c).any():
             raise FmrisynthError(f"condition {c!r} has generated clips but no real clips in {real_set.name}", store.path)
+    return store, real_set, gen_set, conditions
 
-    ref_set, ref_info, codec, codec_source, truth, truth_source, notes = _yardsticks(
-        store, real_set, gen_set, conditions, reference or f"{store.path}:{ecfg.reference_split}", reference is None, cfg)
 
+def _stream_all(store, real_set, gen_set, yard: _Yardsticks, conditions: list[str], ecfg: EvalConfig,
+                seed: int) -> _Passes:  # fmt: skip
+    """Stream the real test clips first (in halves, for the ceiling), then every other set, each
+    clip's beta map assigned to the nearest of the real group maps (clip-level top-1)."""
     n_vox = int(store.mask.sum())
     voxels = np.sort(np.random.default_rng(seed).choice(n_vox, min(n_vox, ecfg.feature_voxels), replace=False))
     grid = store.header.get("grid")
@@ -222,88 +268,124 @@ def evaluate(real: str, generated: str | Path, out: str | Path, cfg: Config, ref
     split_of, split_by = halves(real_set.table)
     run = lambda clips, **kw: stream(clips, conditions, ecfg, n_vox, voxels, probe, **kw)  # noqa: E731
     real_pass = run(real_set, halves=split_of)
-    real_maps = real_pass.group_t()  # (C, V)
-    gen_pass = run(gen_set, references=real_maps)
-    gen_maps = gen_pass.group_t()
-    ref_pass = run(ref_set, references=real_maps) if ref_set is not None else None
-    codec_pass = run(codec, references=real_maps) if codec is not None else None
+    maps = {"real": real_pass.group_t()}  # (C, V)
+    gen_pass = run(gen_set, references=maps["real"])
+    maps["generated"] = gen_pass.group_t()
+    ref_pass = run(yard.reference, references=maps["real"]) if yard.reference is not None else None
+    if ref_pass is not None:
+        maps["reference"] = ref_pass.group_t()
+    codec_pass = run(yard.codec, references=maps["real"]) if yard.codec is not None else None
+    return _Passes(real_pass, gen_pass, ref_pass, codec_pass, maps, voxels, probe.parcellation, split_of, split_by)
 
-    ref_maps = ref_pass.group_t() if ref_pass is not None else None
-    main = map_metrics(real_maps, gen_maps)
-    generated_row = task_metrics(real_pass, gen_pass, real_maps, conditions, ecfg.roi_fraction)
-    ceiling = map_metrics(real_pass.group_t(0), real_pass.group_t(1))
-    hrf, tc_arrays = timecourses(real_pass, gen_pass, real_maps, ecfg.roi_fraction)
-    pca, pca_arrays = _pca(real_pass, gen_pass, real_set.table, gen_set.table, ecfg, seed)
+
+def _metrics(real: str, generated: str, store, tables: tuple, conditions: list[str], p: _Passes, yard: _Yardsticks,
+             ecfg: EvalConfig, seed: int) -> tuple[dict, dict]:  # fmt: skip
+    """metrics.json (strict JSON: ``_json_safe``) and the arrays of arrays.npz (what the report plots).
+    ``tables`` are the real and generated sets' clip tables."""
+    real_maps = p.maps["real"]
+    main = map_metrics(real_maps, p.maps["generated"])
+    generated_row = task_metrics(p.real, p.generated, real_maps, conditions, ecfg.roi_fraction)
+    hrf, tc_arrays = timecourses(p.real, p.generated, real_maps, ecfg.roi_fraction)
+    pca, pca_arrays = _pca(p.real, p.generated, *tables, ecfg, seed)
     confusion = np.zeros((len(conditions),) * 2, int)
-    np.add.at(confusion, (gen_pass.labels, gen_pass.assigned), 1)
-    realism, not_computed = _realism(real_pass, gen_pass, ref_pass, ecfg, seed, probe.parcellation)
+    np.add.at(confusion, (p.generated.labels, p.generated.assigned), 1)
+    realism, not_computed = _realism(p.real, p.generated, p.reference, ecfg, seed, p.parcellation)
+    not_computed.update(_too_few(conditions, p))
+    result = {
+        **{k: generated_row[k] for k in ("map_corr_mean", "map_corr", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")},
+        "hrf_corr_real_mean": float(np.nanmean([d["corr_real_hrf"] for d in hrf.values()])),
+        **_yardstick_rows(p, yard, conditions, ecfg, seed),
+        "realism": realism,
+        "memorisation": _memorisation(p.generated, p.real, _train_clips(store, p, yard, conditions, seed), seed,
+                                      ecfg.memorisation_margin),  # fmt: skip
+        "hrf": {conditions[c]: d for c, d in hrf.items()},
+        "roi_fraction": ecfg.roi_fraction,
+        "pca": pca,
+        "n_real": len(p.real.rows),
+        "n_generated": len(p.generated.rows),
+        "n_per_condition": {c: {"real": int(np.sum(p.real.labels == i)), "generated": int(np.sum(p.generated.labels == i))}
+                            for i, c in enumerate(conditions)},
+        "conditions": conditions,
+        "real": real,
+        "generated": generated,
+        "notes": yard.notes + sorted(set(not_computed.values())),
+        "not_computed": not_computed,
+        "units": UNITS.get(_normalisation(store), "store units (normalisation not recorded)"),
+        "maps": {c: {k: map_name(k, c) for k in p.maps} for c in conditions},
+    }
+    fc = {f"fc_{k}": q.realism["fc"] for k, q in (("real", p.real), ("generated", p.generated), ("reference", p.reference))
+          if q is not None}
+    arrays = dict(conditions=np.array(conditions), confusion=confusion, tr=p.real.tr, onset_real=p.real.onset_s,
+                  onset_generated=p.generated.onset_s, rdm_real=main["rdm_real"], rdm_generated=main["rdm_other"],
+                  **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()}, **fc)  # fmt: skip
+    return _json_safe(result), arrays
+
+
+def _yardstick_rows(p: _Passes, yard: _Yardsticks, conditions: list[str], ecfg: EvalConfig, seed: int) -> dict:
+    """The task figures of the yardsticks, each None where there is none: real clips of other people
+    (reference), split-half real maps (ceiling), codec reconstructions (codec), true maps (truth)."""
+    real_maps = p.maps["real"]
+    ceiling = map_metrics(p.real.group_t(0), p.real.group_t(1))
+    codec = None
+    if p.codec is not None:
+        row = task_metrics(p.real, p.codec, real_maps, conditions, ecfg.roi_fraction)
+        codec = {**{k: v for k, v in row.items() if k in ("map_corr_mean", "rsa", "top1_map", "n")},
+                 "variance_ratio": compare(p.real.realism, p.codec.realism)["variance_ratio"],
+                 "c2st_accuracy": c2st(p.real.features, p.codec.features, seed, ecfg.c2st_components, ecfg.c2st_folds),
+                 "vqgan_checkpoint": yard.codec_source}  # fmt: skip
+    return {
+        "reference": None if p.reference is None else {
+            **task_metrics(p.real, p.reference, real_maps, conditions, ecfg.roi_fraction), **yard.reference_info},
+        "ceiling": {"map_corr_mean": ceiling["map_corr_mean"], "rsa": ceiling["rsa"], "top1_map": ceiling["top1_map"],
+                    "map_corr": dict(zip(conditions, ceiling["map_corr"])), "split_by": p.split_by,
+                    "n_halves": np.bincount(p.split_of[p.real.rows], minlength=2).tolist()},
+        "codec": codec,
+        "truth": None if yard.truth is None else {
+            **{k: _vs_truth(yard.truth, q, conditions) for k, q in (("real", p.real), ("reference", p.reference),
+                                                                    ("generated", p.generated)) if q is not None},
+            "source": yard.truth_source},
+    }
+
+
+def _too_few(conditions: list[str], p: _Passes) -> dict[str, str]:
+    """{figure: reason} for the RSA figures (fewer than MIN_RSA_CONDITIONS conditions) and the codec's
+    C2ST (fewer than MIN_C2ST_CLIPS clips); ``_realism`` gives those of the other C2STs."""
+    not_computed = {}
     if len(conditions) < MIN_RSA_CONDITIONS:
         reason = (f"RSA not computed: {len(conditions)} condition(s); an RDM needs {MIN_RSA_CONDITIONS} conditions "
                   f"for the 3 pairs a correlation of its upper triangles needs")
         not_computed.update(dict.fromkeys(("rsa", "reference.rsa", "ceiling.rsa", "codec.rsa"), reason))
-    if codec_pass is not None and min(len(real_pass.rows), len(codec_pass.rows)) < MIN_C2ST_CLIPS:
+    if p.codec is not None and min(len(p.real.rows), len(p.codec.rows)) < MIN_C2ST_CLIPS:
         not_computed["codec.c2st_accuracy"] = f"C2ST (codec) not computed: fewer than {MIN_C2ST_CLIPS} clips"
-    notes += sorted(set(not_computed.values()))
-    ref_is_train = ref_set is not None and split_spec(ref_info["source"], None) == (store.path, "train")
-    train = ref_pass.features if ref_is_train else _train_features(store, conditions, voxels, len(real_pass.rows), seed)
-    result = {
-        **{k: generated_row[k] for k in ("map_corr_mean", "map_corr", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")},
-        "hrf_corr_real_mean": float(np.nanmean([d["corr_real_hrf"] for d in hrf.values()])),
-        "reference": None if ref_pass is None else {
-            **task_metrics(real_pass, ref_pass, real_maps, conditions, ecfg.roi_fraction), **ref_info},
-        "ceiling": {"map_corr_mean": ceiling["map_corr_mean"], "rsa": ceiling["rsa"], "top1_map": ceiling["top1_map"],
-                    "map_corr": dict(zip(conditions, ceiling["map_corr"])), "split_by": split_by,
-                    "n_halves": np.bincount(split_of[real_pass.rows], minlength=2).tolist()},
-        "codec": None if codec_pass is None else {
-            **{k: v for k, v in task_metrics(real_pass, codec_pass, real_maps, conditions, ecfg.roi_fraction).items()
-               if k in ("map_corr_mean", "rsa", "top1_map", "n")},
-            "variance_ratio": compare(real_pass.realism, codec_pass.realism)["variance_ratio"],
-            "c2st_accuracy": c2st(real_pass.features, codec_pass.features, seed, ecfg.c2st_components, ecfg.c2st_folds),
-            "vqgan_checkpoint": codec_source},
-        "truth": None if truth is None else {
-            **{k: _vs_truth(truth, p, conditions) for k, p in (("real", real_pass), ("reference", ref_pass),
-                                                                ("generated", gen_pass)) if p is not None},
-            "source": truth_source},
-        "realism": realism,
-        "memorisation": _memorisation(gen_pass, real_pass, train, seed, ecfg.memorisation_margin),
-        "hrf": {conditions[c]: d for c, d in hrf.items()},
-        "roi_fraction": ecfg.roi_fraction,
-        "pca": pca,
-        "n_real": len(real_pass.rows),
-        "n_generated": len(gen_pass.rows),
-        "n_per_condition": {c: {"real": int(np.sum(real_pass.labels == i)), "generated": int(np.sum(gen_pass.labels == i))}
-                            for i, c in enumerate(conditions)},
-        "conditions": conditions,
-        "real": str(real),
-        "generated": str(generated),
-        "notes": notes,
-        "not_computed": not_computed,
-        "units": UNITS.get(_normalisation(store), "store units (normalisation not recorded)"),
-        "maps": {c: {k: map_name(k, c) for k in ("real", "generated") + (("reference",) if ref_pass else ())}
-                 for c in conditions},
-    }
-    result = _json_safe(result)
-    fc = {f"fc_{k}": p.realism["fc"] for k, p in (("real", real_pass), ("generated", gen_pass), ("reference", ref_pass))
-          if p is not None}
+    return not_computed
 
-    try:  # staged and published whole; in an existing folder only these files change (fmrisynth.publish)
+
+def _train_clips(store, p: _Passes, yard: _Yardsticks, conditions: list[str], seed: int) -> np.ndarray:
+    """The training clips' features (n, T, F) memorisation compares against: the reference pass's when
+    the reference is the store's train split, else as many random training clips as real test clips."""
+    if yard.reference is not None and split_spec(yard.reference_info["source"], None) == (store.path, "train"):
+        return p.reference.features
+    return _train_features(store, conditions, p.voxels, len(p.real.rows), seed)
+
+
+def _write(out: Path, store, conditions: list[str], maps: dict[str, np.ndarray], arrays: dict, cfg: Config,
+           result: dict) -> None:  # fmt: skip
+    """Stage metrics.json, maps/ (the group t maps, (C, V) each, on the store's grid), arrays.npz and
+    config.yaml beside ``out`` and publish them whole; in an existing folder only these files change
+    (fmrisynth.publish)."""
+    import nibabel as nib
+
+    try:
         with staged(out) as tmp:
             (tmp / "maps").mkdir()
-            for kind, maps in (("real", real_maps), ("generated", gen_maps), ("reference", ref_maps)):
-                if maps is None:
-                    continue
-                for c, m in zip(conditions, maps):
+            for kind, kind_maps in maps.items():
+                for c, m in zip(conditions, kind_maps):
                     nib.save(nib.Nifti1Image(store.unmask(m.astype(np.float32)), store.affine), tmp / map_name(kind, c))
-            np.savez_compressed(
-                tmp / "arrays.npz", conditions=np.array(conditions), confusion=confusion, tr=real_pass.tr,
-                onset_real=real_pass.onset_s, onset_generated=gen_pass.onset_s, rdm_real=main["rdm_real"],
-                rdm_generated=main["rdm_other"], **tc_arrays, **{k: np.asarray(v) for k, v in pca_arrays.items()}, **fc,
-            )
+            np.savez_compressed(tmp / "arrays.npz", **arrays)
             save_config(cfg, tmp / "config.yaml")
             (tmp / "metrics.json").write_text(json.dumps(result, indent=1))
     except OSError as e:
         raise FmrisynthError(f"cannot write the evaluation ({e.strerror or e})", out) from None
-    return result
 
 
 def _normalisation(store) -> str | None:
