@@ -212,10 +212,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=RESULTS / "vqgan_quality.json")
     args = ap.parse_args()
 
+    from fmrisynth.checkpoint import load_checkpoint
     from fmrisynth.config import load_config, to_dict
     from fmrisynth.generate.codec import load_vqgan
     from fmrisynth.training.vqgan import train_vae
-    from fmrisynth.training.loop import load_checkpoint
 
     result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     if args.train_minutes:

@@ -20,7 +20,8 @@ from fmrisynth.generate.sample import load_denoiser, sample
 from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
 from fmrisynth.models.response import K, Event, ResponseModel
 from fmrisynth.tasks import HRF_BASIS, design_regressors
-from fmrisynth.training.diffusion import design_boxcar, train_diffusion
+from fmrisynth.models.diffusion import design_boxcar
+from fmrisynth.training.diffusion import train_diffusion
 
 pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
 

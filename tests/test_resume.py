@@ -15,11 +15,12 @@ import pytest
 import torch
 from torch import nn
 
+from fmrisynth.checkpoint import load_checkpoint
 from fmrisynth.cli import main
 from fmrisynth.config import Config, TrainConfig, VQGANConfig
 from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.training.loop import Objective, fit, load_checkpoint
+from fmrisynth.training.loop import Objective, fit
 from fmrisynth.training.vqgan import VQGANObjective, train_vae
 
 pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not

@@ -24,7 +24,8 @@ import torch
 from fmrisynth.cli import main
 from fmrisynth.config import Config
 from fmrisynth.data.store import ClipStore
-from fmrisynth.training.loop import fit, load_checkpoint
+from fmrisynth.checkpoint import load_checkpoint
+from fmrisynth.training.loop import fit
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_resume import Clips, Denoise, cfg, make_store, max_diff, rows  # noqa: E402
@@ -51,7 +52,8 @@ from test_torchrun import toy_cfg, vae_args
 from test_resume import Clips, Denoise
 from fmrisynth.cli import main
 from fmrisynth.config import Config
-from fmrisynth.training.loop import fit, rank_and_world
+from fmrisynth.distributed import rank_and_world
+from fmrisynth.training.loop import fit
 
 rc = main(vae_args({store!r}, {out!r} + "/vae", 4))
 torch.manual_seed(1)

@@ -8,10 +8,12 @@ import pytest
 import torch
 from torch import nn
 
+from fmrisynth.checkpoint import latest_checkpoint, load_checkpoint
 from fmrisynth.config import Config, TrainConfig
+from fmrisynth.distributed import autocast, default_device, main_only
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.training import loop
-from fmrisynth.training.loop import Objective, autocast, default_device, fit, latest_checkpoint, load_checkpoint, main_only
+from fmrisynth.training.loop import Objective, fit
 
 
 class Points(torch.utils.data.Dataset):

@@ -205,7 +205,7 @@ def _train_vae(args):
     import shutil
 
     from fmrisynth.generate.codec import encode_store
-    from fmrisynth.training.loop import is_main, main_only
+    from fmrisynth.distributed import is_main, main_only
     from fmrisynth.training.vqgan import train_vae
 
     cfg = config_from(args, vae__preset=args.preset, vae_train__steps=args.steps)
@@ -238,7 +238,7 @@ def _train_vae(args):
 def _train(args):
     from fmrisynth.models.presets import describe
     from fmrisynth.training.diffusion import train_diffusion
-    from fmrisynth.training.loop import is_main
+    from fmrisynth.distributed import is_main
 
     cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
                       train__steps=args.steps)  # fmt: skip
@@ -273,7 +273,7 @@ def _train(args):
 def _sample(args):
     from fmrisynth.config import save_config
     from fmrisynth.generate import sample as gen
-    from fmrisynth.training.checkpoint import latest_checkpoint
+    from fmrisynth.checkpoint import latest_checkpoint
 
     # the run's own config is the base: its sampling settings and seed hold unless YAML, --set or a flag changes them
     base = latest_checkpoint(gen.find_run(args.checkpoint)) / "config.yaml"

@@ -224,3 +224,11 @@ class ClipStore:
     def clip(self, i: int) -> np.ndarray:
         """Clip ``i`` on the grid: (T, D, H, W) float32 (latent stores: the item as stored)."""
         return self.unmask(self._data[i], np.float32) if self.mask is not None else self.item(i)
+
+
+def require_clip_store(path: str | Path) -> ClipStore:
+    """The clip store at ``path`` (kind "clips", with its mask); a latent store or another kind is one line."""
+    store = ClipStore(path)
+    if store.kind != "clips" or store.mask is None:
+        raise FmrisynthError(f"expected a clip store (from `fmrisynth prepare`), found kind {store.kind!r}", path)
+    return store

@@ -25,15 +25,15 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from fmrisynth.checkpoint import load_checkpoint
 from fmrisynth.config import Stage2Config
-from fmrisynth.data.store import ClipStore, StoreWriter
+from fmrisynth.data.store import ClipStore, StoreWriter, require_clip_store
+from fmrisynth.distributed import default_device
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
 from fmrisynth.models.response import ResponseModel
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.publish import record_path
-from fmrisynth.training.loop import default_device, load_checkpoint
-from fmrisynth.training.vqgan import require_clip_store
 
 
 def load_vqgan(checkpoint: Path, mask: np.ndarray | None = None) -> VQGAN:

@@ -31,7 +31,6 @@ Two ways to sample, both written as one BIDS derivative dataset (generate/bids.p
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,19 +38,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fmrisynth.checkpoint import latest_checkpoint, load_checkpoint
 from fmrisynth.config import Config
 from fmrisynth.data.design import DesignEvent, default_task, read_design
 from fmrisynth.data.store import ClipStore
+from fmrisynth.distributed import autocast, default_device
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate import bids, codec
 from fmrisynth.models.background import GaussianBackground
-from fmrisynth.models.diffusion import Diffusion
+from fmrisynth.models.diffusion import Diffusion, design_boxcar
 from fmrisynth.models.presets import build_denoiser
-from fmrisynth.models.response import Event, ResponseModel
+from fmrisynth.models.response import Event
 from fmrisynth.models.vqgan import VQGAN
-from fmrisynth.publish import resolve_recorded
-from fmrisynth.training.diffusion import RUN_INFO, design_boxcar
-from fmrisynth.training.loop import autocast, default_device, latest_checkpoint, load_checkpoint
+from fmrisynth.run_info import RUN_INFO, read_run_info
 
 
 @dataclass
@@ -90,21 +89,6 @@ def find_run(path: str | Path) -> Path:
     if not (path / RUN_INFO).is_file() and (path / "diffusion" / RUN_INFO).is_file():
         return path / "diffusion"
     return path
-
-
-def read_run_info(path: Path, given: str | Path) -> dict:
-    """``stage2.json`` of the run of checkpoint ``path`` (``given`` by the user), its recorded paths
-    resolved; a missing or damaged one is one line naming it."""
-    info_file = path.parent.parent / RUN_INFO
-    if not info_file.is_file():
-        raise FmrisynthError(f"not a diffusion checkpoint (no {RUN_INFO} in its run directory)", given)
-    try:
-        info = json.loads(info_file.read_text())
-        info.update({k: str(resolve_recorded(info[k], info_file)) for k in ("latents", "vqgan_checkpoint", "clip_store")})
-        [info[k] for k in ("latent_shape", "conditions", "latent_mean", "latent_std", "blocks")]
-    except (ValueError, KeyError, TypeError) as e:
-        raise FmrisynthError(f"run description is damaged or incomplete ({e})", info_file) from None
-    return info
 
 
 def load_denoiser(checkpoint: str | Path, device: str | torch.device | None = None,

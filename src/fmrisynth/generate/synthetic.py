@@ -20,8 +20,8 @@ from torch.utils.data import Dataset
 
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate.sample import clip_seed, load_generator
+from fmrisynth.models.diffusion import design_boxcar
 from fmrisynth.models.response import Event
-from fmrisynth.training.diffusion import design_boxcar
 
 
 class SyntheticClips(Dataset):

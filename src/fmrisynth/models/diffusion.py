@@ -44,12 +44,20 @@ import math
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fmrisynth.config import DiffusionConfig
 from fmrisynth.errors import FmrisynthError
 
 SAMPLERS = {"ddim": (0.0, False), "ddpm": (1.0, False), "analytic": (1.0, True)}  # sampler -> (eta, analytic variance)
+
+
+def design_boxcar(onset_s: torch.Tensor, duration_s: torch.Tensor, tr: torch.Tensor, frames: int) -> torch.Tensor:
+    """A block as the denoiser's ``design`` input: the fraction of each frame [k tr, (k+1) tr) that
+    lies inside the block, (B,) x 3 -> (B, T); for training clips and generated ones alike."""
+    start = torch.arange(frames, device=tr.device, dtype=torch.float32)[None] * tr[:, None]  # (B, T)
+    end, onset = start + tr[:, None], onset_s[:, None]  # (B, T), (B, 1)
+    overlap = torch.minimum(end, onset + duration_s[:, None]) - torch.maximum(start, onset)  # (B, T)
+    return (overlap.clamp(min=0) / tr[:, None]).float()
 
 
 def make_betas(cfg: DiffusionConfig) -> torch.Tensor:

@@ -1,10 +1,11 @@
 """Stage 2's objective: train the latent diffusion model on a latent store.
 
 ``train_diffusion`` wraps denoiser + diffusion in an ``Objective`` for the project's one training
-loop and writes, next to the checkpoints, ``stage2.json``: what sampling needs besides weights (the
-latent shape, conditions, latent statistics, the VQ-GAN and clip store to decode with, the response
-and background models, the training blocks of each condition to draw default timings from, and,
-measured after training, the model's x0 error per timestep for the analytic sampler).
+loop and writes, next to the checkpoints, ``stage2.json`` (``fmrisynth.run_info``): what sampling
+needs besides weights (the latent shape, conditions, latent statistics, the VQ-GAN and clip store to
+decode with, the response and background models, the training blocks of each condition to draw
+default timings from, and, measured after training, the model's x0 error per timestep for the
+analytic sampler).
 
 Every logged row carries the data's reference losses (``Diffusion.reference_losses``), computed
 once from the training latents, so a run that is not learning shows at step 0.
@@ -12,7 +13,6 @@ once from the training latents, so a run that is not learning shows at step 0.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -24,22 +24,15 @@ from fmrisynth.config import Config, Stage2Config
 from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import PRIOR, GaussianBackground
-from fmrisynth.models.diffusion import Diffusion
+from fmrisynth.checkpoint import load_checkpoint
+from fmrisynth.distributed import main_only
+from fmrisynth.models.diffusion import Diffusion, design_boxcar
 from fmrisynth.models.presets import build_denoiser
-from fmrisynth.publish import record_path, resolve_recorded, staged_file
-from fmrisynth.training.loop import Objective, check_train_config, fit, load_checkpoint, main_only
+from fmrisynth.publish import resolve_recorded
+from fmrisynth.run_info import write_run_info
+from fmrisynth.training.loop import Objective, check_train_config, fit
 
 MEASURE_CLIPS = 64  # training clips behind the model's x0 error per timestep (stage2.json "x0_error")
-
-RUN_INFO = "stage2.json"
-
-
-def design_boxcar(onset_s: torch.Tensor, duration_s: torch.Tensor, tr: torch.Tensor, frames: int) -> torch.Tensor:
-    """The fraction of each frame [k tr, (k+1) tr) that lies inside the block: (B,) x 3 -> (B, T)."""
-    start = torch.arange(frames, device=tr.device, dtype=torch.float32)[None] * tr[:, None]  # (B, T)
-    end, onset = start + tr[:, None], onset_s[:, None]  # (B, T), (B, 1)
-    overlap = torch.minimum(end, onset + duration_s[:, None]) - torch.maximum(start, onset)  # (B, T)
-    return (overlap.clamp(min=0) / tr[:, None]).float()
 
 
 class DiffusionObjective(Objective):
@@ -158,24 +151,19 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
                                    prior, subjects)  # fmt: skip
     objective.references = references = diffusion.reference_losses(element_variance(objective, dataset))
     train = m.iloc[dataset.rows]
-    info = {
-        "latents": record_path(store.path, out / RUN_INFO),  # paths relative to stage2.json (fmrisynth.publish)
+    info = {  # stage2.json (fmrisynth.run_info)
+        "latents": store.path,
         "latent_shape": list(store.item_shape),
         "conditions": store.conditions,
         "response": store.header.get("response", "none"),
         "prior": cfg.stage2.prior,
         **{k: store.header[k] for k in ("latent_mean", "latent_std")},
-        **{k: record_path(resolve_recorded(store.header[k], store.path / "store.json"), out / RUN_INFO)
-           for k in ("vqgan_checkpoint", "clip_store")},
+        **{k: resolve_recorded(store.header[k], store.path / "store.json") for k in ("vqgan_checkpoint", "clip_store")},
         "blocks": {c: rows[["onset_s", "duration_s", "tr"]].to_numpy(float).tolist() for c, rows in train.groupby("condition")},
         "contexts": block_contexts(store, train),
         **references,
     }
-    def write_info() -> None:  # under torchrun: rank 0 only
-        with staged_file(out / RUN_INFO) as tmp:
-            tmp.write_text(json.dumps(info))
-
-    main_only(write_info)
+    main_only(write_run_info, out, info)  # under torchrun: rank 0 only
     last = fit(objective, dataset, cfg.train, out, cfg.seed, resume=resume, config=cfg, desc="train", progress=progress)
 
     def measure() -> None:  # after training, on rank 0: the x0 error the analytic sampler's variance needs
@@ -184,7 +172,7 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
         picked = np.random.default_rng(cfg.seed).permutation(len(dataset))[:MEASURE_CLIPS]
         batches = list(clean_batches(objective, dataset, picked, cfg.train.batch_size))
         info["x0_error"] = diffusion.measure_x0_error(ema.to(objective.mean.device).eval(), batches, seed=cfg.seed)
-        write_info()
+        write_run_info(out, info)
 
     main_only(measure)
     return last

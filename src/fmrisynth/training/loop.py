@@ -3,7 +3,7 @@
 A stage describes *what* it trains as an ``Objective`` (networks as submodules, a loss per optimiser
 "part"); ``fit`` owns *how*: device, DDP, autocast, AdamW per part with linear warm-up, gradient
 accumulation and clipping, an EMA copy with decay warm-up, ``train_log.jsonl``, checkpoints
-(``training.checkpoint``) and exact resume.
+(``fmrisynth.checkpoint``) and exact resume.
 
 Randomness contract (what makes resume and torchrun exact):
 
@@ -26,7 +26,7 @@ progress; ``is_main()``, ``barrier()`` and ``main_only(fn)`` give callers the sa
 store is encoded by rank 0 while the others wait). The logged loss and logs are means over ranks, so
 an objective's logs must have the same keys on every rank. ``default_device()`` and
 ``autocast(device, amp)`` are the one place for the device and AMP choice (all from
-``training.distributed``, re-exported here). ``check_train_config`` refuses impossible settings;
+``fmrisynth.distributed``). ``check_train_config`` refuses impossible settings;
 call it before writing anything a run depends on.
 """
 
@@ -49,10 +49,9 @@ from torch import nn
 
 from fmrisynth.config import Config, TrainConfig, save_config, to_dict
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.training.checkpoint import Checkpoint, clean_stale, latest_checkpoint, load_checkpoint, load_state
-from fmrisynth.training.checkpoint import resume_point, save_checkpoint
-from fmrisynth.training.distributed import autocast, barrier, default_device, init_distributed, is_main  # noqa: F401
-from fmrisynth.training.distributed import main_only, mean_over_ranks, rank_and_world
+from fmrisynth.checkpoint import Checkpoint, clean_stale, latest_checkpoint, load_checkpoint, load_state
+from fmrisynth.checkpoint import resume_point, save_checkpoint
+from fmrisynth.distributed import autocast, barrier, init_distributed, main_only, mean_over_ranks, rank_and_world
 
 LOG = "train_log.jsonl"
 

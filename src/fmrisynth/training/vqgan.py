@@ -11,8 +11,7 @@ from pathlib import Path
 import torch
 
 from fmrisynth.config import Config
-from fmrisynth.data.store import ClipStore
-from fmrisynth.errors import FmrisynthError
+from fmrisynth.data.store import require_clip_store
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.models.vqgan_loss import VQGANLoss
 from fmrisynth.training.loop import Objective, check_train_config, fit
@@ -54,13 +53,6 @@ class VQGANObjective(Objective):
             with torch.no_grad():
                 fake = self.vqgan(x)[0]
         return self.loss.discriminator_loss(x, fake, step)
-
-
-def require_clip_store(path: Path) -> ClipStore:
-    store = ClipStore(path)
-    if store.kind != "clips" or store.mask is None:
-        raise FmrisynthError(f"expected a clip store (from `fmrisynth prepare`), found kind {store.kind!r}", path)
-    return store
 
 
 def train_vae(cfg: Config, store: Path, out: Path, resume: bool = False, progress: bool = True) -> Path:
