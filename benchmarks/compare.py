@@ -7,15 +7,20 @@ on the embedded simulator. Every arm gets the same data (simulate -> prepare -> 
 done once and shared), the same seed, steps, batch, learning rate, sampler, guidance and number of
 generated clips (as many per condition as the held-out split has), and the same evaluation.
 
-    python benchmarks/compare.py                   # CPU: tiny sizes, 6 mm grid, about 1 h on 2 idle cores
+    python benchmarks/compare.py --arms ours,monai-unet --data runs/demo   # CPU: 6 min of training per arm
     python benchmarks/compare.py --gpu             # reference sizes at the 2 mm grid, one GPU
-    python benchmarks/compare.py --arms ours,monai-unet --set train.steps=2000
+    python benchmarks/compare.py --arms ours,monai-unet --set train.max_minutes=20
 
 Per arm it writes ``<out>/<arm>/diffusion`` (checkpoints, train_log.jsonl) and
 ``<out>/<arm>/results/eval/metrics.json``; finished stages are reused when rerun (``--fresh`` redoes
-them). The table is printed and written to ``benchmarks/results/compare_<profile>.json``: params,
-GFLOPs per forward pass, train step time, sampling time per clip, map correlation, RSA, top-1 (map
-and clip) and HRF r, with the noise ceiling (two halves of the real held-out subjects) beside them.
+them). ``--data`` reuses the data stages (sim, store, vae) of a finished demo or scale run. The
+Gaussian background model of the same data is sampled and evaluated alike as a last row: the
+training-free peer every deep generator has to beat. The table is printed and written to
+``benchmarks/results/compare_<profile>.json``: params, GFLOPs per forward pass, steps, train step
+time, sampling time per clip, the final loss against an independent Gaussian's, map correlation,
+RSA, top-1 (map and clip), HRF r and the realism figures (C2ST linear / quadratic / statistics,
+global signal, autocorrelation, FC, variance), with the noise ceiling (two halves of the real
+held-out subjects) beside them.
 
 Timings are of the denoiser alone: step time is the median over logged training windows; sampling
 time generates one batch of latent clips with the run's sampler, steps and guidance (decoding is the
@@ -34,7 +39,8 @@ from pathlib import Path
 
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
 from fmrisynth.generate.codec import encode_store
-from fmrisynth.pipeline import METRICS, _stage, prepare_latents, sample_and_evaluate
+from fmrisynth.evaluate.summary import result_row
+from fmrisynth.pipeline import _stage, final_loss, prepare_latents, sample_and_evaluate
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
@@ -53,7 +59,8 @@ class Profile:
 
     Both profiles start from the demo recipe (``src/fmrisynth/configs/demo.yaml``): 20 simulated
     subjects of which 8 are held out, so that the real maps, and with them the noise ceiling, are
-    reliable. Budgets are steps, not minutes: a busy machine is slower but reaches the same result.
+    reliable. The CPU profile gives every arm the same wall-clock budget (the issue's terms: which
+    denoiser is better for the minutes a user has); the GPU profile gives the same steps.
     """
 
     overrides: tuple[str, ...]
@@ -62,11 +69,10 @@ class Profile:
 
 PROFILES = {
     # ours (tiny, 0.09M, 0.42 GFLOPs per clip) and the ablations (variants of it) against the MONAI
-    # U-Net whose first level is T*c = 80 wide (7.3M, 3.4 GFLOPs): the same steps, so MONAI gets
-    # 8x the compute; each with the response model (hrf) and as the reference's pure conditional
-    # latent diffusion (none).
+    # U-Net whose first level is T*c = 80 wide (7.3M, 3.4 GFLOPs): 6 minutes of training each; each
+    # with the response model (hrf) and as the reference's pure conditional latent diffusion (none).
     "cpu": Profile(
-        overrides=("vae_train.steps=300", "train.steps=400", "train.ckpt_every=200"),
+        overrides=("train.steps=1000000", "train.max_minutes=6"),
         arms={"ours": Arm(ModelConfig("ours", "tiny")), "ours-none": Arm(ModelConfig("ours", "tiny"), "none"),
               "monai-unet": Arm(ModelConfig("monai-unet", "monai-tiny")),
               "monai-unet-none": Arm(ModelConfig("monai-unet", "monai-tiny"), "none"),
@@ -90,11 +96,12 @@ PROFILES = {
 
 COLUMNS = {  # row key -> table header
     "response": "response",
-    "params": "params", "gflops": "GFLOPs", "step_s": "step s", "sample_s_per_clip": "sample s/clip",
-    "map_corr_mean": "map r", "rsa": "RSA", "top1_map": "top1 map", "top1_clip": "top1 clip", "hrf_corr_mean": "HRF r",
-    "c2st": "C2ST", "autocorr_max_diff": "AC diff", "variance_ratio": "var ratio",
+    "params": "params", "gflops": "GFLOPs", "steps": "steps", "step_s": "step s", "sample_s_per_clip": "sample s/clip",
+    "loss_vs_gaussian": "loss/Gauss", "map_corr_mean": "map r", "rsa": "RSA", "top1_map": "top1 map",
+    "top1_clip": "top1 clip", "hrf_corr_mean": "HRF r", "c2st_accuracy": "C2ST lin", "c2st_quadratic": "C2ST quad",
+    "c2st_stats": "C2ST stats", "global_signal_ratio": "GS ratio", "autocorr_max_diff": "AC diff", "fc_corr": "FC r",
+    "variance_ratio": "var ratio",
 }  # fmt: skip
-REALISM = {"c2st": "c2st_accuracy", "autocorr_max_diff": "autocorr_max_diff", "variance_ratio": "variance_ratio"}
 
 
 def profile_config(name: str, overrides: list[str] = ()) -> Config:
@@ -139,11 +146,10 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
     return {
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
         "params": info["params"], "gflops": info["gflops"],
-        "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
-        "response": cfg.stage2.response, **{k: metrics.get(k) for k in METRICS},
+        "steps": _last_step(train), "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
+        "response": cfg.stage2.response, **final_loss(train), **result_row(metrics),
         # evaluation v2: real clips of other subjects, what decoding loses, the simulator's truth, realism
         **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
-        **{k: (metrics.get("realism") or {}).get(v) for k, v in REALISM.items()},
         # the real data's own halves; for HRF r, how well the real ROI time course follows the canonical HRF
         "ceiling": {**{k: metrics["ceiling"][k] for k in ("map_corr_mean", "rsa", "top1_map")},
                     "hrf_corr_mean": metrics.get("hrf_corr_real_mean")},
@@ -151,6 +157,22 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
         # wall seconds of the stages (their last run, if resumed), from their .done markers
         "train_s": float((train / ".done").read_text()), "eval_s": float((results / ".done").read_text()),
     }  # fmt: skip
+
+
+def gaussian_row(cfg: Config, first: Path, store: Path, out: Path, fresh: bool, log) -> dict:
+    """The Gaussian background model that the first arm's run fitted, sampled and evaluated like an arm."""
+    results = out / "gaussian"
+    _stage("sample+evaluate gaussian", results, fresh,
+           lambda d: sample_and_evaluate(cfg, first, store, d, log, kind="gaussian"), log)  # fmt: skip
+    metrics = json.loads((results / "eval" / "metrics.json").read_text())
+    return {"arm": "gaussian", "backbone": None, "params": 0, "steps": 0, "response": cfg.stage2.response,
+            **result_row(metrics), **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
+            "eval_s": float((results / ".done").read_text())}  # fmt: skip
+
+
+def _last_step(run: Path) -> int:
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"step"' in line]
+    return rows[-1]["step"] if rows else 0
 
 
 def _cell(key: str, value) -> str:
@@ -166,7 +188,7 @@ def _cell(key: str, value) -> str:
 def table(rows: list[dict]) -> str:
     """The comparison as plain text, one arm a line, the noise ceiling last (the same real data for all)."""
     header = ["arm", *COLUMNS.values()]
-    lines = [[r["arm"], *(_cell(k, r[k]) for k in COLUMNS)] for r in rows]
+    lines = [[r["arm"], *(_cell(k, r.get(k)) for k in COLUMNS)] for r in rows]
     ceiling = rows[0]["ceiling"]
     lines.append(["noise ceiling", *(_cell(k, ceiling.get(k)) for k in COLUMNS)])
     widths = [max(len(x) for x in col) for col in zip(header, *lines)]
@@ -189,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--arms", help=f"a subset of the profile's arms (CPU: {','.join(PROFILES['cpu'].arms)})")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, e.g. train.steps=2000")
+    parser.add_argument("--data", type=Path, help="reuse the data stages (sim, store, vae) of a finished demo or scale "
+                        "run, e.g. runs/demo (default: make them in OUT/data)")
+    parser.add_argument("--no-gaussian", action="store_true", help="leave out the Gaussian background model's row")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--fresh", action="store_true", help="redo finished stages (and accept a changed config)")
     parser.add_argument("--json", type=Path, help="table to write (default benchmarks/results/compare_<profile>.json)")
@@ -209,16 +234,20 @@ def main(argv: list[str] | None = None) -> dict:
     save_config(cfg, saved)
 
     t0 = time.perf_counter()
-    latents = {"hrf": prepare_latents(replace(cfg, stage2=replace(cfg.stage2, response="hrf")), out / "data", args.fresh, print)}
+    data = args.data or out / "data"
+    # a --data folder is read, never redone: --fresh redoes only what this comparison made itself
+    latents = {"hrf": prepare_latents(replace(cfg, stage2=replace(cfg.stage2, response="hrf")), data, args.fresh and not args.data, print)}
     rows = []
     for a in arms:
         arm = profile.arms[a]
         arm_cfg = replace(cfg, model=arm.model, stage2=replace(cfg.stage2, response=arm.response))
         if arm.response not in latents:  # the same clips and VQ-GAN, encoded whole
-            latents[arm.response] = _stage(f"encode ({arm.response})", out / "data" / f"latents-{arm.response}", args.fresh,
-                                           lambda d: encode_store(out / "data" / "vae", out / "data" / "store", d,
+            latents[arm.response] = _stage(f"encode ({arm.response})", out / f"latents-{arm.response}", args.fresh,
+                                           lambda d: encode_store(data / "vae", data / "store", d,
                                                                   splits=("train",), stage2=arm_cfg.stage2, seed=cfg.seed), print)  # fmt: skip
-        rows.append(run_arm(arm_cfg, a, latents[arm.response], out / "data" / "store", out, args.fresh, print))
+        rows.append(run_arm(arm_cfg, a, latents[arm.response], data / "store", out, args.fresh, print))
+    if not args.no_gaussian:
+        rows.append(gaussian_row(cfg, out / arms[0] / "diffusion", data / "store", out, args.fresh, print))
     print("\n" + table(rows))
 
     result = {"profile": name, "rows": rows, "minutes": (time.perf_counter() - t0) / 60, "machine": machine(),

@@ -23,7 +23,16 @@ from fmrisynth.publish import staged_file
 # The demo's time budget: the VQ-GAN gets a fixed share; the diffusion model gets whatever is left
 # after the data stages, less a reserve for sampling, evaluation and the report.
 VAE_SHARE, RESERVE_SHARE = 0.25, 0.35
-METRICS = ("map_corr_mean", "rsa", "top1_map", "top1_clip", "hrf_corr_mean")
+
+
+def final_loss(run: Path, share: float = 0.1) -> dict:
+    """The mean training loss over the last ``share`` of train_log.jsonl, beside the loss an independent
+    Gaussian of the same data scores (``ref_loss_gaussian``) and their ratio (< 1: ahead of it)."""
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    tail = rows[-max(1, round(share * len(rows))):]
+    loss = sum(r["loss"] for r in tail) / len(tail)
+    ref = tail[-1].get("ref_loss_gaussian")
+    return {"loss": loss, "ref_loss_gaussian": ref, "loss_vs_gaussian": loss / ref if ref else None}
 
 
 def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log: Callable[[str], None]) -> Path:
@@ -159,12 +168,14 @@ def _steps_for(budget: str, gflops: float, batch_size: int) -> int:
 def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[str], None] = print) -> dict:
     """Train each preset in ``sizes`` under one budget, evaluate it, fit metric vs parameters.
 
-    Writes ``out/scaling.json``: {"rows": [{preset, params, gflops, steps, train_s, metrics...}],
+    Writes ``out/scaling.json``: {"rows": [{preset, params, gflops, steps, train_s, loss, ref_loss_gaussian,
+    task and realism figures}], "gaussian": the Gaussian background model's figures on the same data,
     "fits": {metric: fit_scaling(...)}}; the data stages are shared by all sizes.
     """
     from fmrisynth.training.diffusion import train_diffusion
     from fmrisynth.models.presets import describe
     from fmrisynth.evaluate.scaling import fit_scaling
+    from fmrisynth.evaluate.summary import ROW_FIGURES, result_row
 
     if len(sizes) < 2:
         raise FmrisynthError("scale needs at least two --sizes")
@@ -173,7 +184,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
     save_config(cfg, out / "config.yaml")
     latents = prepare_latents(cfg, out / "data", False, log)
     described = {preset: describe(replace(cfg.model, preset=preset), latents) for preset in sizes}
-    rows = []
+    store, rows = out / "data" / "store", []
     for preset in sizes:
         info = described[preset]
         steps = _steps_for(budget, info["gflops"], cfg.train.batch_size)
@@ -182,19 +193,27 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         t0 = time.perf_counter()
         _stage(f"train {preset}", run / "diffusion", False, lambda d: train_diffusion(run_cfg, latents, d, resume=True), log)
         train_s = float((run / "diffusion" / ".done").read_text())
-        metrics = sample_and_evaluate(run_cfg, run / "diffusion", out / "data" / "store", run, log)
-        rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps,
-                     "train_s": train_s, **{k: metrics[k] for k in METRICS if k in metrics}})
-        log(f"[scale] {preset}: {info['params'] / 1e6:.2f}M params, map r {metrics['map_corr_mean']:.3f} "
-            f"({time.perf_counter() - t0:.0f} s)")
+        _stage(f"sample+evaluate {preset}", run / "results", False,
+               lambda d: sample_and_evaluate(run_cfg, run / "diffusion", store, d, log), log)  # fmt: skip
+        rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps, "train_s": train_s,
+                     **final_loss(run / "diffusion"), **result_row(_metrics(run / "results"))})  # fmt: skip
+        log(f"[scale] {preset}: {info['params'] / 1e6:.2f}M params, map r {rows[-1]['map_corr_mean']:.3f}, "
+            f"C2ST {rows[-1]['c2st_accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
+    # the training-free peer: the Gaussian background model the first run fitted, sampled and evaluated alike
+    first = out / sizes[0] / "diffusion"
+    _stage("sample+evaluate gaussian", out / "gaussian", False,
+           lambda d: sample_and_evaluate(cfg, first, store, d, log, kind="gaussian"), log)  # fmt: skip
     fits = {}
-    for key in METRICS:
-        values = [r.get(key, float("nan")) for r in rows]
+    for key in (*ROW_FIGURES, "loss_vs_gaussian"):
         try:
-            fits[key] = fit_scaling([r["params"] for r in rows], values)
+            fits[key] = fit_scaling([r["params"] for r in rows], [_number(r.get(key)) for r in rows])
         except FmrisynthError:
             continue
-    result = {"budget": budget, "rows": rows, "fits": fits}
+    result = {"budget": budget, "rows": rows, "gaussian": result_row(_metrics(out / "gaussian")), "fits": fits}
     with staged_file(out / "scaling.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     return result
+
+
+def _number(value) -> float:
+    return float("nan") if value is None else float(value)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.evaluate.summary import (HEADLINE, TRUTH, furthest_ahead, furthest_short, headline_rows,
+from fmrisynth.evaluate.summary import (HEADLINE, REALISM_ROW, TRUTH, furthest_ahead, furthest_short, headline_rows,
                                         not_computed_reasons, realism_columns, realism_rows)
 from fmrisynth.publish import staged_file
 
@@ -274,7 +274,8 @@ def _pca_figure(a: dict, m: dict):
 
 
 def _scaling(scaling_dir: Path) -> str:
-    """Each metric against parameters (log axis), with the fitted laws when scaling.json has them."""
+    """Each task and realism figure against parameters (log axis), with the fitted laws when scaling.json
+    has them, and the Gaussian background model of the same data as a dashed line (the peer to beat)."""
     from matplotlib.figure import Figure
 
     from fmrisynth.evaluate.scaling import predict
@@ -287,20 +288,24 @@ def _scaling(scaling_dir: Path) -> str:
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise FmrisynthError(f"cannot read a scaling table ({e}); run `fmrisynth scale` first", path) from None
     fits = data.get("fits", {}) if isinstance(data, dict) else {}
-    keys = [k for k, _ in HEADLINE if any(r.get(k) is not None for r in rows)]
-    fig = Figure(figsize=(4 * max(len(keys), 1), 3.4), layout="constrained")
+    gaussian = (data.get("gaussian") if isinstance(data, dict) else None) or {}
+    figures = [(k, label) for k, label in HEADLINE + REALISM_ROW if any(r.get(k) is not None for r in rows)]
+    cols = min(len(figures), 6) or 1
+    fig = Figure(figsize=(3.2 * cols, 3.0 * -(-len(figures) // cols)), layout="constrained")
     grid = np.geomspace(params.min(), params.max() * 4, 50)
-    for k, key in enumerate(keys):
-        ax = fig.add_subplot(1, len(keys), k + 1)
+    for k, (key, label) in enumerate(figures):
+        ax = fig.add_subplot(-(-len(figures) // cols), cols, k + 1)
         values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
         ax.plot(params, values, "ko")
         for law, style in (("loglinear", "C0-"), ("powerlaw", "C1--")):
             if law in fits.get(key, {}):
                 ax.plot(grid, predict(fits[key], grid, law), style, label=law)
+        if gaussian.get(key) is not None:
+            ax.axhline(gaussian[key], color="C2", ls=":", label="Gaussian model")
         ax.set_xscale("log")
         ax.set_xlabel("parameters")
-        ax.set_title(key, fontsize=10)
-        if fits.get(key):
+        ax.set_title(label, fontsize=10)
+        if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
     return _png(fig)
 

@@ -20,6 +20,11 @@ HEADLINE = [  # (key, column label)
     ("map_corr_mean", "map r"), ("rsa", "RSA"), ("top1_map", "top-1 map"), ("top1_clip", "top-1 clip"),
     ("hrf_corr_mean", "HRF r"),
 ]
+# the realism figures a scaling or comparison row carries, with their labels (lower C2ST is better)
+REALISM_ROW = [("c2st_accuracy", "C2ST linear"), ("c2st_quadratic", "C2ST quadratic"), ("c2st_stats", "C2ST statistics"),
+               ("global_signal_ratio", "global signal ratio"), ("autocorr_max_diff", "autocorr max |diff|"),
+               ("fc_corr", "FC r"), ("variance_ratio", "variance ratio")]  # fmt: skip
+ROW_FIGURES = [k for k, _ in HEADLINE + REALISM_ROW]
 TRUTH = "map r vs truth"
 NOT_COMPUTED = "n/c"
 # Clip-level figures on which real clips of other people are the bar: generated clips above it by
@@ -40,6 +45,11 @@ def _value(m: dict, path: str):
     if path in absent or path.removesuffix("_ci") in absent:  # an interval is absent with its figure
         return NOT_COMPUTED
     return _get(m, *path.split("."))
+
+
+def result_row(m: dict) -> dict:
+    """The task and realism figures of one evaluation, flat (None where absent): a scaling or comparison row."""
+    return {**{k: m.get(k) for k, _ in HEADLINE}, **{k: _get(m, "realism", k) for k, _ in REALISM_ROW}}
 
 
 def headline_rows(m: dict, peers: dict[str, dict] | None = None) -> list[tuple[str, list]]:
