@@ -70,20 +70,10 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
             for i, name in enumerate(subjects):
                 subject = _Subject(sim, sim_cfg, cfg.seed, i)
                 records[name] = subject.record
-                root = tmp / name
-                truth = subject.truth_maps(paradigms)  # (N, conditions)
-                for k, condition in enumerate(c for p in paradigms for c in p.conditions):
-                    _save(sim, truth[:, k : k + 1], root / "truth" / f"{condition.replace(':', '_')}.nii.gz")
-                _save(sim, subject.warped_mask()[:, None], root / "truth" / "brain_mask.nii.gz")
+                write_truth(sim, subject, [c for p in paradigms for c in p.conditions], tmp / name / "truth")
                 for p in paradigms:
                     for pe in sim_cfg.runs:
-                        events = p.schedule(np.random.default_rng([cfg.seed, 0, _index(p), _pe_index(pe)]))
-                        run = f"tfMRI_{p.name}_{pe}"
-                        folder = root / "MNINonLinear" / "Results" / run
-                        volume, design = subject.run(p, pe, events)  # (N, T) int16
-                        _write_evs(folder / "EVs", events)
-                        design.to_csv(root / "truth" / f"design_{run}.tsv", sep="\t", index=False,
-                                      float_format="%.6g")
+                        volume, folder, run = _write_run(subject, p, pe, cfg.seed, tmp / name)  # (N, T) int16
                         if pending is not None:
                             pending.result()  # at most one run waits in memory
                         pending = writer.submit(_save, sim, volume, folder / f"{run}.nii.gz", HCP_TR)
@@ -104,15 +94,31 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
             "subjects": records,
         }
         write_provenance(tmp, meta, cfg)
-    return {
-        "out": str(out),
-        "subjects": subjects,
-        "paradigms": meta["paradigms"],
-        "runs": n_runs,
-        "grid": sim_cfg.grid,
-        "shape": list(sim.shape),
-        "seconds": round(time.perf_counter() - started, 2),
-    }
+    return {"out": str(out), "subjects": subjects, "paradigms": meta["paradigms"], "runs": n_runs,
+            "grid": sim_cfg.grid, "shape": list(sim.shape), "seconds": round(time.perf_counter() - started, 2)}
+
+
+def write_truth(sim: SimGrid, subject: _Subject, conditions: list[str], folder: Path) -> None:
+    """A subject's ground truth in ``folder``: one map per condition (HCP24 names) and its deformed brain mask."""
+    truth = subject.truth_maps_of(conditions)  # (N, conditions)
+    for k, condition in enumerate(conditions):
+        _save(sim, truth[:, k : k + 1], folder / f"{condition.replace(':', '_')}.nii.gz")
+    _save(sim, subject.warped_mask()[:, None], folder / "brain_mask.nii.gz")
+
+
+def _write_run(subject: _Subject, p: Paradigm, pe: str, seed: int, root: Path) -> tuple[np.ndarray, Path, str]:
+    """Synthesise one run of ``subject`` under ``root`` (its folder) and write its EVs and true design;
+    return the volume (N, T) int16, its folder and name, for the writer thread to save.
+
+    The schedule is seeded by (seed, paradigm, phase encoding) only: every subject sees the same design.
+    """
+    events = p.schedule(np.random.default_rng([seed, 0, _index(p), _pe_index(pe)]))
+    run = f"tfMRI_{p.name}_{pe}"
+    folder = root / "MNINonLinear" / "Results" / run
+    volume, design = subject.run(p, pe, events)  # (N, T) int16
+    _write_evs(folder / "EVs", events)
+    design.to_csv(root / "truth" / f"design_{run}.tsv", sep="\t", index=False, float_format="%.6g")
+    return volume, folder, run
 
 
 @contextmanager
@@ -215,10 +221,6 @@ class _Subject:
 
     def warped_mask(self) -> np.ndarray:
         return (self._warp(self.inside[:, None])[:, 0] >= 0.5).astype(np.uint8)
-
-    def truth_maps(self, paradigms: list[Paradigm]) -> np.ndarray:
-        """Condition maps (N, C) in the subject's anatomy, for every EV of ``paradigms``."""
-        return self.truth_maps_of([c for p in paradigms for c in p.conditions])
 
     def truth_maps_of(self, conditions: list[str]) -> np.ndarray:
         """Condition maps (N, C) in the subject's anatomy, for HCP24 ``conditions``."""

@@ -160,59 +160,24 @@ class ResponseModel:
         seen = {e.condition for run in runs for e in run.events}
         modelled = [c for c in conditions if c in seen]  # a label without events (rest clips) is the baseline: 0
         nuisance = sorted(seen - set(conditions))
-        names = modelled + nuisance
         subjects = sorted({run.subject for run in runs})
-        s_of, n_vox, P = {s: i for i, s in enumerate(subjects)}, clips.item_shape[-1], len(names) * K
-        xtx, xty = np.zeros((len(subjects), P, P)), np.zeros((len(subjects), P, n_vox))
-        yty, n_obs = np.zeros(n_vox), 0
-        for run in runs:
-            x, y, _, q = run.design(clips, names)  # (F, P), (F, V) with the run's baseline and drift taken out
-            xtx[s_of[run.subject]] += x.T @ x
-            xty[s_of[run.subject]] += x.T @ y
-            yty += (y**2).sum(0)
-            n_obs += len(y) - q.shape[1]
-        n_mod = len(modelled) * K
-        # Nuisance conditions get the canonical HRF only: they are there to be absorbed, and their
-        # derivatives would be nearly collinear with the labelled blocks they border in the clips.
-        drop = np.arange(P) >= n_mod
-        drop[n_mod::K] = False
-        xtx[:, drop], xtx[:, :, drop], xty[:, drop] = 0, 0, 0  # _solve leaves them out
-        pooled = _solve(xtx.sum(0), xty.sum(0))[0]  # (P, V)
-        # A nuisance map is a priori like a labelled one (mean square tau2 per element): where the clips
-        # show a nuisance condition only as the tail of the block it borders, the prior keeps it from
-        # taking that block's response (ridge = noise variance / tau2, the Gaussian prior's).
-        sigma2 = float(np.clip(yty.sum() - np.sum(pooled * xty.sum(0)), 0, None)) / max(n_obs - P, 1) / n_vox
-        tau2 = float(np.mean(pooled[:n_mod:K] ** 2)) if n_mod else 1.0
-        penalty = np.zeros(P)
-        penalty[n_mod::K] = sigma2 / max(tau2, 1e-12)
-        xtx += np.diag(penalty)[None]
-        pooled = _solve(xtx.sum(0) - (len(subjects) - 1) * np.diag(penalty), xty.sum(0))[0]
-        full, inv_diag, explained, n_par = [], np.zeros((len(subjects), n_mod)), np.zeros(n_vox), 0
-        for s in range(len(subjects)):
-            beta, active, inv = _solve(xtx[s], xty[s])
-            have = np.repeat(active[:n_mod].reshape(-1, K).any(1), K)  # subject s has events of the condition
-            inv_diag[s] = np.diag(inv)[:n_mod]  # estimation variance of the subject's maps per unit noise
-            explained += np.einsum("pv,pv->v", beta, xty[s])
-            n_par += int(active.sum())
-            full.append(np.concatenate([np.where(have[:, None], beta[:n_mod], pooled[:n_mod]), beta[n_mod:]]))
-        noise_var = np.clip(yty - explained, 0, None) / max(n_obs - n_par, 1)  # (V,)
-        subject = np.stack(full)[:, :n_mod].reshape(len(subjects), len(modelled), K, n_vox)  # (S, Cm, K, V)
+        n_mod, n_vox = len(modelled) * K, clips.item_shape[-1]
+        xtx, xty, yty, n_obs = _normal_equations(runs, clips, modelled + nuisance, subjects)
+        pooled, xtx = _pooled_fit(xtx, xty, yty, n_obs, n_mod)
+        full, inv_diag, noise_var = _subject_fits(xtx, xty, yty, n_obs, pooled, n_mod)
+        subject = full[:, :n_mod].reshape(len(subjects), len(modelled), K, n_vox)  # (S, Cm, K, V)
         mean_m = pooled[:n_mod].reshape(len(modelled), K, n_vox)
         components, scores = cls._subject_components(subject - mean_m[None], inv_diag, noise_var, rank)
         denoised = mean_m[None] + np.tensordot(scores, components, axes=1)  # (S, Cm, K, V): low-rank subject maps
         templates = {s: np.concatenate([denoised[i].reshape(n_mod, n_vox), full[i][n_mod:]])
-                     for i, s in enumerate(subjects)}  # fmt: skip
-        gains = _trial_sd(runs, clips, names, modelled, templates)
+                     for i, s in enumerate(subjects)}  # fmt: skip  # subject -> (P, V)
+        gains = _trial_sd(runs, clips, modelled + nuisance, modelled, templates)
         index = [conditions.index(c) for c in modelled]
-        mean = np.zeros((len(conditions), K, n_vox), np.float32)
-        mean[index] = mean_m
-        comps = np.zeros((len(components), len(conditions), K, n_vox), np.float32)
-        comps[:, index] = components
-        trial_sd = np.zeros(len(conditions), np.float32)
-        trial_sd[index] = gains
-        return cls(conditions, mean, comps, {s: scores[i].astype(np.float32) for i, s in enumerate(subjects)},
+        return cls(conditions, _embed(mean_m, index, len(conditions)), _embed(components, index, len(conditions), 1),
+                   {s: scores[i].astype(np.float32) for i, s in enumerate(subjects)},
                    np.sqrt(noise_var).astype(np.float32), nuisance,
-                   pooled[n_mod:].reshape(len(nuisance), K, n_vox).astype(np.float32), trial_sd)  # fmt: skip
+                   pooled[n_mod:].reshape(len(nuisance), K, n_vox).astype(np.float32),
+                   _embed(gains, index, len(conditions)))  # fmt: skip
 
     @staticmethod
     def _subject_components(dev: np.ndarray, inv_diag: np.ndarray, noise_var: np.ndarray,
@@ -323,6 +288,72 @@ def _training_runs(m, events: dict, clips) -> list[_Run]:
         runs.append(_Run(key[0], float(group["tr"].iloc[0]), group["index"].to_numpy(int),
                          group["start_frame"].to_numpy(int), events[key]))  # fmt: skip
     return runs
+
+
+def _normal_equations(runs: list[_Run], clips, names: list[str],
+                      subjects: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:  # fmt: skip
+    """Per subject, the normal equations of the GLM of its runs over the conditions ``names`` (K
+    regressors each, P in all): x'x (S, P, P) and x'y (S, P, V); and over all runs y'y (V,) and the
+    frames' degrees of freedom left by each run's baseline and drift."""
+    s_of, n_vox, P = {s: i for i, s in enumerate(subjects)}, clips.item_shape[-1], len(names) * K
+    xtx, xty = np.zeros((len(subjects), P, P)), np.zeros((len(subjects), P, n_vox))
+    yty, n_obs = np.zeros(n_vox), 0
+    for run in runs:
+        x, y, _, q = run.design(clips, names)  # (F, P), (F, V) with the run's baseline and drift taken out
+        xtx[s_of[run.subject]] += x.T @ x
+        xty[s_of[run.subject]] += x.T @ y
+        yty += (y**2).sum(0)
+        n_obs += len(y) - q.shape[1]
+    return xtx, xty, yty, n_obs
+
+
+def _pooled_fit(xtx: np.ndarray, xty: np.ndarray, yty: np.ndarray, n_obs: int,
+                n_mod: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The population maps (P, V) from all subjects' normal equations pooled, and the subjects' x'x
+    (S, P, P) with the nuisance conditions' prior added. The first ``n_mod`` regressors are the
+    modelled conditions', the rest the nuisance conditions' (K each)."""
+    P = xtx.shape[1]
+    # Nuisance conditions get the canonical HRF only: they are there to be absorbed, and their
+    # derivatives would be nearly collinear with the labelled blocks they border in the clips.
+    drop = np.arange(P) >= n_mod
+    drop[n_mod::K] = False
+    xtx[:, drop], xtx[:, :, drop], xty[:, drop] = 0, 0, 0  # _solve leaves them out
+    pooled = _solve(xtx.sum(0), xty.sum(0))[0]  # (P, V)
+    # A nuisance map is a priori like a labelled one (mean square tau2 per element): where the clips
+    # show a nuisance condition only as the tail of the block it borders, the prior keeps it from
+    # taking that block's response (ridge = noise variance / tau2, the Gaussian prior's).
+    sigma2 = float(np.clip(yty.sum() - np.sum(pooled * xty.sum(0)), 0, None)) / max(n_obs - P, 1) / len(yty)
+    tau2 = float(np.mean(pooled[:n_mod:K] ** 2)) if n_mod else 1.0
+    penalty = np.zeros(P)
+    penalty[n_mod::K] = sigma2 / max(tau2, 1e-12)
+    xtx = xtx + np.diag(penalty)[None]  # each subject's fit carries the whole prior; the pooled fit once
+    return _solve(xtx.sum(0) - (len(xtx) - 1) * np.diag(penalty), xty.sum(0))[0], xtx
+
+
+def _subject_fits(xtx: np.ndarray, xty: np.ndarray, yty: np.ndarray, n_obs: int, pooled: np.ndarray,
+                  n_mod: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    """Each subject's own fit: its maps (S, P, V), the population's (``pooled``) for a modelled
+    condition it has no events of; the estimation variance of its modelled maps per unit noise
+    (S, n_mod); and the residual noise variance (V,) of all subjects' fits."""
+    full, inv_diag, explained, n_par = [], np.zeros((len(xtx), n_mod)), np.zeros(len(yty)), 0
+    for s in range(len(xtx)):
+        beta, active, inv = _solve(xtx[s], xty[s])
+        have = np.repeat(active[:n_mod].reshape(-1, K).any(1), K)  # subject s has events of the condition
+        inv_diag[s] = np.diag(inv)[:n_mod]
+        explained += np.einsum("pv,pv->v", beta, xty[s])
+        n_par += int(active.sum())
+        full.append(np.concatenate([np.where(have[:, None], beta[:n_mod], pooled[:n_mod]), beta[n_mod:]]))
+    return np.stack(full), inv_diag, np.clip(yty - explained, 0, None) / max(n_obs - n_par, 1)
+
+
+def _embed(values: np.ndarray, index: list[int], n: int, axis: int = 0) -> np.ndarray:
+    """``values`` of the modelled conditions at ``index`` of ``n`` conditions along ``axis`` (float32);
+    0 for the others (a label without events, e.g. rest clips, is the baseline)."""
+    shape = list(np.shape(values))
+    shape[axis] = n
+    out = np.zeros(shape, np.float32)
+    out[(slice(None),) * axis + (index,)] = values
+    return out
 
 
 def _ridge(a: np.ndarray) -> np.ndarray:
