@@ -35,6 +35,11 @@ def test_whitening_is_exact_and_white():
     assert torch.allclose(model.color(w, idx), torch.from_numpy(x), atol=1e-3)
     assert abs(w.var().item() - 1) < 0.05  # white: unit variance ...
     assert abs(lag1(w.numpy(), demean=False)) < 0.03  # ... and no autocorrelation left
+    held = dict(model._tensors)  # the arrays it used, on the batch's device
+    assert {name for name, _, _ in held} >= {"q", "psi", "s", "mean", "factors"}
+    again = model.color(model.whiten(torch.from_numpy(x[:5]), idx[:5]), idx[:5])  # a second batch, as in training
+    assert model._tensors.keys() == held.keys() and all(model._tensors[k] is held[k] for k in held)  # copied once
+    assert torch.allclose(again, torch.from_numpy(x[:5]), atol=1e-3)
 
 
 def test_samples_keep_variance_autocorrelation_and_subject_style():

@@ -66,6 +66,7 @@ class GaussianBackground:
     tau: float  # sd of the clips' log gains (0: one Gaussian)
     gain_shrink: float  # share of a clip's log-variance deviation that is gain (the rest is sampling noise)
     _factors: dict = field(default_factory=dict, repr=False, compare=False)  # frames -> ``factors(frames)``
+    _tensors: dict = field(default_factory=dict, repr=False, compare=False)  # (name, device) -> tensor there
 
     # ---- fitting ---------------------------------------------------------------------------------------------
     @classmethod
@@ -140,8 +141,15 @@ class GaussianBackground:
         return model
 
     # ---- the transform -------------------------------------------------------------------------------------
-    def _t(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        return torch.as_tensor(getattr(self, name), device=like.device)
+    def _t(self, name: str, like: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """The array ``name`` (or the factors for ``frames`` frames) on ``like``'s device, copied there once:
+        the prior whitens every training batch, and a copy per call would move the spatial basis (about
+        13 MB at 2 mm) from host to GPU at every step."""
+        key = (name, frames, like.device)
+        if key not in self._tensors:
+            array = self.factors(frames) if name == "factors" else getattr(self, name)
+            self._tensors[key] = torch.as_tensor(array, device=like.device)
+        return self._tensors[key]
 
     def _spatial_inverse(self, x: torch.Tensor) -> torch.Tensor:
         """y = A^-1 x for centred frames x (..., E)."""
@@ -179,7 +187,7 @@ class GaussianBackground:
         With gains (tau > 0) each clip's own gain, estimated from its within-clip variance, is divided out.
         """
         rows = self._subject_rows(subjects).to(x.device)
-        chol = torch.as_tensor(self.factors(x.shape[1]) if factors is None else factors, device=x.device)[rows]
+        chol = (self._t("factors", x, x.shape[1]) if factors is None else torch.as_tensor(factors, device=x.device))[rows]
         p, r = self._split(self._spatial_inverse(x - self._t("mean", x)[rows][:, None]))
         p = torch.linalg.solve_triangular(chol[:, :-1], p.transpose(1, 2)[..., None], upper=False)[..., 0]  # (B, K, T)
         r = torch.linalg.solve_triangular(chol[:, -1], r, upper=False)  # (B, T, E)
@@ -192,7 +200,7 @@ class GaussianBackground:
         """White noise w (B, T, E) -> clips (B, T, E) of subjects (B,), with gains exp(zeta tau / 2) (zeta (B,),
         standard normal; None: the common gain). With zeta = 0 the inverse of ``whiten`` for a clip of that gain."""
         rows = self._subject_rows(subjects).to(w.device)
-        chol = torch.as_tensor(self.factors(w.shape[1]) if factors is None else factors, device=w.device)[rows]
+        chol = (self._t("factors", w, w.shape[1]) if factors is None else torch.as_tensor(factors, device=w.device))[rows]
         p, r = self._split(w)
         p = (chol[:, :-1] @ p.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # (B, T, K)
         x = self._spatial(p @ self._t("q", w).T + chol[:, -1] @ r)  # (B, T, E)
