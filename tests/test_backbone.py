@@ -31,10 +31,24 @@ def trained_like(model):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("spatial", [(8, 10, 8), (5, 7, 3)])
-def test_every_variant_maps_odd_latents_to_their_own_shape(variant, spatial):
+def test_every_variant_runs_odd_latents_through_every_weight(variant, spatial):
+    """Odd sides (stride-2 levels of ceil(n / 2), patches of 2 padded at the far end and cropped back):
+    at init the output is exactly the zero of the direct path; with weights, every parameter gets a
+    gradient, the far-corner voxel (the one padding and cropping touch) answers its own input, and a
+    clip's output does not depend on the other clips of its batch (padding mixes nothing)."""
     model = Backbone(2, n_classes=3, variant=variant, patch=(2, 1, 1), **SMALL)
     x, t, label, design = inputs(2, 3, 2, *spatial)
-    assert model(x, t, label, design).shape == x.shape
+    assert torch.equal(model(x, t, label, design), torch.zeros_like(x))
+    model = trained_like(model)
+    out = model(x, t, label, design)  # (2, 3, 2, *spatial)
+    out.square().mean().backward()
+    silent = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert not silent and torch.isfinite(out).all()
+    with torch.no_grad():
+        y = x.clone()
+        y[..., -1, -1, -1] += 1.0
+        assert (model(y, t, label, design) - out)[..., -1, -1, -1].abs().amax() > 1e-4
+        assert torch.allclose(model(x[:1], t[:1], label[:1], design[:1]), out[:1], atol=1e-5)
 
 
 def test_one_model_runs_any_clip_length_with_the_same_weights():

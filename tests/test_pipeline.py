@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import pytest
 
@@ -27,20 +28,56 @@ def _numbers(tree, path=""):
         yield path, tree
 
 
+UNIT = (0.0, 1.0)
+CORR = (-1.0 - 1e-6, 1.0 + 1e-6)
+POSITIVE = (1e-300, math.inf)
+NONNEGATIVE = (0.0, math.inf)
+COUNT = "count"
+# The range of every number in metrics.json (docs/design.md), by its dotted key with list indices as
+# [] and condition names as <c>; the first rule whose pattern matches the whole key applies.
+RANGES = [
+    (r"(.+\.)?(top1_map|top1_clip|c2st_\w+?(_ci\[\])?)", UNIT),
+    (r"(.+\.)?(map_corr_mean|map_corr\.<c>|rsa|hrf_corr_mean)", CORR),
+    (r"hrf_corr_real_mean|realism\.fc_corr(_reference)?|memorisation\.(train|heldout)_nn_corr", CORR),
+    (r"hrf\.<c>\.corr_(generated_hrf|generated_real|real_hrf)|realism\.autocorr_(real|generated|reference)\[\]", CORR),
+    (r"realism\.autocorr_max_diff(_reference)?", (0.0, 2.0)),
+    (r"(realism\.|codec\.)(variance_ratio|global_signal_ratio|between_clip_variance_ratio)(_reference)?", POSITIVE),
+    (r"realism\.between_clip_variance_real", (1.0 - 1e-9, math.inf)),  # total over within-clip variance
+    (r"realism\.mean_clip_diff(_reference)?", NONNEGATIVE),
+    (r"realism\.fwhm_(real|generated|reference)_mm|realism\.fwhm_axes_mm\.(real|generated|reference)\[\]", POSITIVE),
+    (r"pca\.(real|generated)\.(subject|pe|task)|pca\.explained_variance_ratio\[\]", UNIT),
+    (r"hrf\.<c>\.peak_s_(real|generated|hrf)", NONNEGATIVE),
+    (r"(reference\.|codec\.)?n|n_real|n_generated|memorisation\.n_train|ceiling\.n_halves\[\]", COUNT),
+    (r"n_per_condition\.<c>\.(real|generated)|reference\.n_per_condition\.<c>|hrf\.<c>\.roi_voxels", COUNT),
+    (r"roi_fraction", (1e-300, 1.0)),
+]
+
+
 def _sensible(key: str, value: float) -> bool:
-    """The range a metric can take, by its name (docs/design.md, metrics.json keys)."""
-    leaf = key.rsplit(".", 1)[-1].split("[")[0]
+    """Whether a number of metrics.json lies in its range (``RANGES``); a key without a rule is an error,
+    so that a new figure gets its range written down before the demo test passes."""
+    pattern = ".".join("<c>" if ":" in part else part for part in re.sub(r"\[\d+\]", "[]", key).split("."))
+    bounds = next((b for rule, b in RANGES if re.fullmatch(rule, pattern)), None)
+    if bounds is None:
+        raise KeyError(f"no range known for metrics key {key!r} ({pattern}); add it to RANGES")
     if not math.isfinite(value):
         return False
-    if leaf.startswith("top1") or "accuracy" in leaf or leaf.startswith("c2st"):
-        return 0.0 <= value <= 1.0
-    if "corr" in leaf or leaf == "rsa":
-        return -1.0 - 1e-6 <= value <= 1.0 + 1e-6
-    if "ratio" in leaf or "fwhm" in leaf:
-        return value > 0
-    if leaf.startswith("n_") or leaf == "n":
+    if bounds == COUNT:
         return value >= 0 and float(value).is_integer()
-    return True
+    return bounds[0] <= value <= bounds[1]
+
+
+def test_sensible_knows_every_metric_and_refuses_values_out_of_range():
+    good = {"top1_map": 1.0, "map_corr.MOTOR:rh": -0.2, "realism.c2st_stats_ci[1]": 0.7, "n_real": 36,
+            "ceiling.n_halves[0]": 18, "hrf.WM:2bk_faces.peak_s_real": 6.5, "realism.fwhm_axes_mm.real[2]": 7.1,
+            "truth.generated.map_corr.MOTOR:rh": 0.4, "codec.variance_ratio": 0.9, "pca.real.pe": 0.01}  # fmt: skip
+    assert all(_sensible(k, v) for k, v in good.items())
+    bad = {"top1_map": 1.5, "map_corr.MOTOR:rh": 1.2, "realism.c2st_stats_ci[1]": -0.1, "n_real": 2.5,
+           "ceiling.n_halves[0]": -1, "hrf.WM:2bk_faces.peak_s_real": -1.0, "realism.fwhm_axes_mm.real[2]": 0.0,
+           "truth.generated.map_corr.MOTOR:rh": math.nan, "codec.variance_ratio": math.inf, "pca.real.pe": 1.1}  # fmt: skip
+    assert not any(_sensible(k, v) for k, v in bad.items())
+    with pytest.raises(KeyError, match="no range known"):
+        _sensible("realism.new_figure", 0.5)
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The VQ-GAN model and its loss: shapes on several grids, the codebook, the adaptive GAN weight."""
+"""The VQ-GAN model and its loss: the round trip on several grids, the codebook, the adaptive GAN weight."""
 
 import numpy as np
 import pytest
@@ -13,19 +13,33 @@ from fmrisynth.models.vqgan_loss import VQGANLoss
 @pytest.mark.parametrize(
     "shape, factor", [((16, 20, 16), 4), ((32, 40, 32), 4), ((24, 28, 24), 4), ((32, 40, 32), 8), ((16, 16, 16), 8)]
 )
-def test_volume_latent_round_trip_shapes(shape, factor):
+def test_volume_latent_round_trip(shape, factor):
+    """On every grid: the encoder reads only brain voxels, each latent vector becomes its
+    nearest codebook vector (the codes map back to the codebook), and decoded volumes are zero
+    outside the brain."""
     torch.manual_seed(0)
     mask = np.zeros(shape, bool)
     mask[2:-2, 2:-2, 2:-2] = True
+    outside = ~torch.from_numpy(mask)
     model = VQGAN(VQGANConfig(downsample=factor, latent_channels=3), mask).eval()
     x = torch.randn(2, 1, *shape)
-    z = model.latent(x)
+    z = model.latent(x)  # (2, 3, d, h, w)
     assert z.shape == (2, 3, *(s // factor for s in shape))
+    y = x.clone()
+    y[:, :, outside] = 100.0
+    assert torch.equal(model.latent(y), z)  # outside the brain is never seen
     quant, loss, info = model.encode(x)
-    assert quant.shape == z.shape and loss.ndim == 0 and info["indices"].shape == (2, *z.shape[2:])
+    codebook = model.quantizer.codebook
+    idx = info["indices"]  # (2, d, h, w)
+    assert quant.shape == z.shape and idx.shape == (2, *z.shape[2:])
+    # the codebook vectors, up to the rounding of the straight-through form z + (q - z)
+    assert torch.allclose(quant.permute(0, 2, 3, 4, 1), codebook[idx], rtol=0, atol=1e-6)
+    dist = torch.cdist(z.permute(0, 2, 3, 4, 1).reshape(-1, 3), codebook)  # (N, K)
+    assert torch.equal(dist.gather(1, idx.reshape(-1, 1))[:, 0], dist.amin(1))  # each the nearest
+    assert loss.item() == pytest.approx(0.25 * (z - quant).square().mean().item(), rel=1e-5)  # commitment
     recon = model.decode(quant)
-    assert recon.shape == x.shape
-    assert torch.all(recon[:, :, ~torch.from_numpy(mask)] == 0)  # nothing outside the brain
+    assert recon.shape == x.shape and recon[:, :, ~outside].abs().sum() > 0
+    assert torch.all(recon[:, :, outside] == 0)  # nothing outside the brain
 
 
 def test_grid_not_divisible_is_a_clear_error():
