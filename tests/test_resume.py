@@ -187,11 +187,13 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 @pytest.mark.parametrize("key, value, message", [
     ("batch_size", 0, "train.batch_size must be a positive integer, got 0"),
     ("lr", float("nan"), "train.lr must be a finite number > 0, got nan"),
-    ("steps", 0, "train.steps must be a positive integer"),
     ("ema_decay", 1.0, r"train.ema_decay must be in \[0, 1\)"),
     ("amp", "fp8", "train.amp must be 'auto', 'bf16' or 'off'"),
 ])  # fmt: skip
 def test_bad_train_settings_are_refused_before_anything_is_written(tmp_path, key, value, message):
+    """fit's own guard (loop.check_train_config), one case per kind of rule, for a TrainConfig made in
+    Python, which never passed load_config (whose refusals are test_config's); and a run directory
+    that is a file."""
     with pytest.raises(FmrisynthError, match=message):
         fit(Denoise(), Clips(), cfg(**{key: value}), tmp_path / "run", seed=0, progress=False)
     assert not (tmp_path / "run").exists()
