@@ -25,3 +25,15 @@ def shared_data() -> Path:
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def stage2_run(tmp_path_factory) -> Path:
+    """A tiny stage-2 run on test_diffusion_stage2's stores (root/clips, root/latents, root/run), trained
+    once per session for test_diffusion_stage2 and test_virtual. Shared: read it; a test that needs
+    other stores beside the run copies the root (test_virtual does)."""
+    from test_diffusion_stage2 import train_tiny
+
+    root = tmp_path_factory.mktemp("stage2")
+    train_tiny(root)
+    return root

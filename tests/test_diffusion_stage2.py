@@ -58,25 +58,37 @@ def write_stores(root):
 RESPONSE_MAPS = np.zeros((2, K, 6 * 6 * 6))
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stage2")
+STAGE2_SETS = ["train.batch_size=4", "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1", "train.lr=1e-3",
+               "diffusion.sample_steps=4", "diffusion.guidance=1.5"]  # fmt: skip
+
+
+def train_tiny(root: Path) -> None:
+    """``write_stores`` under ``root`` and 3 steps of the tiny preset on them (root/run), through the CLI."""
     write_stores(root)
-    sets = ["train.batch_size=4", "train.log_every=1", "train.ckpt_every=2", "train.warmup_steps=1", "train.lr=1e-3",
-            "diffusion.sample_steps=4", "diffusion.guidance=1.5"]  # fmt: skip
     args = ["train", "--latents", str(root / "latents"), "--out", str(root / "run"), "--preset", "tiny", "--steps", "3", "--quiet"]
-    assert main(args + [a for s in sets for a in ("--set", s)]) == 0
-    return root
+    assert main(args + [a for s in STAGE2_SETS for a in ("--set", s)]) == 0
 
 
-@pytest.fixture(autouse=True)
-def fake_vqgan(monkeypatch):
+@pytest.fixture
+def run(stage2_run):
+    """The session's tiny run (conftest.stage2_run, shared with test_virtual): read it, never write into it."""
+    return stage2_run
+
+
+def stand_in_vqgan(mp: pytest.MonkeyPatch) -> None:
+    """Replace the VQ-GAN: the "model" is the mask, decoding upsamples the latent channel mean 4x."""
+
     def decode(model, z):  # (B, T, c, d, h, w) -> (B, T, D, H, W), zero outside the mask
         up = z.mean(2).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
         return up * torch.from_numpy(model)
 
-    monkeypatch.setattr(codec, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
-    monkeypatch.setattr(codec, "decode", decode)
+    mp.setattr(codec, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
+    mp.setattr(codec, "decode", decode)
+
+
+@pytest.fixture(autouse=True)
+def fake_vqgan(monkeypatch):
+    stand_in_vqgan(monkeypatch)
 
 
 def test_design_is_the_fraction_of_each_frame_inside_the_block():

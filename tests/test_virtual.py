@@ -1,12 +1,14 @@
 """Virtual experiments: whole runs of any design as a BIDS dataset nilearn reads as it stands,
 the simulator on the same design, and synthetic clips as a torch Dataset.
 
-The tiny stage-2 run and stand-in VQ-GAN of test_diffusion_stage2 are reused; the response model
-is rewritten with one subject component, so that generated subjects differ in their maps.
+The tiny stage-2 run (conftest.stage2_run, trained once per session) and stand-in VQ-GAN of
+test_diffusion_stage2 are reused; in a copy of the run the response model is rewritten with one
+subject component, so that generated subjects differ in their maps.
 """
 
 import dataclasses
 import json
+import shutil
 import warnings
 
 import nibabel as nib
@@ -14,10 +16,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from test_diffusion_stage2 import AFFINE, CONDITIONS, GRID, TR, write_stores
+from test_diffusion_stage2 import AFFINE, CONDITIONS, GRID, TR, stand_in_vqgan
 
 from fmrisynth.cli import main
 from fmrisynth.data.design import read_design
+from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate import SyntheticClips, codec
 from fmrisynth.generate.bids import read_clips
@@ -34,23 +37,19 @@ README_ARGS = dict(space_label="", derivatives_folder=".", signal_scaling=False)
 
 @pytest.fixture(scope="module", autouse=True)
 def fake_vqgan():
-    """test_diffusion_stage2's stand-in decoder, for the whole module (the runs fixture is module-wide)."""
-
-    def decode(model, z):  # (B, T, c, d, h, w) -> (B, T, D, H, W), zero outside the mask
-        up = z.mean(2).repeat_interleave(4, 2).repeat_interleave(4, 3).repeat_interleave(4, 4)
-        return up * torch.from_numpy(model)
-
+    """test_diffusion_stage2's stand-in VQ-GAN, for the whole module (the runs fixture is module-wide)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(codec, "load_vqgan", lambda checkpoint, mask: mask.astype(np.float32))
-        mp.setattr(codec, "decode", decode)
+        stand_in_vqgan(mp)
         yield
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory, fake_vqgan):
-    """Tiny run; response maps: population (2, K, V) canonical only, plus one strong subject component."""
-    root = tmp_path_factory.mktemp("virtual")
-    mask = write_stores(root)
+def model(tmp_path_factory, stage2_run, fake_vqgan):
+    """The session's tiny run (conftest.stage2_run) copied, its response maps rewritten: population
+    (2, K, V) canonical only, plus one strong subject component (sampling reads the latent store's)."""
+    root = tmp_path_factory.mktemp("virtual") / "stage2"
+    shutil.copytree(stage2_run, root)
+    mask = ClipStore(root / "clips").mask
     n_vox = int(mask.sum())
     rng = np.random.default_rng(1)
     mean = np.zeros((2, K, n_vox), np.float32)
@@ -58,10 +57,6 @@ def model(tmp_path_factory, fake_vqgan):
     component = np.zeros((1, 2, K, n_vox), np.float32)
     component[0, :, 0] = rng.normal(size=(2, n_vox)) * 10
     ResponseModel(CONDITIONS, mean, component, {}, np.ones(n_vox, np.float32)).save(root / "latents" / "response.npz")
-    sets = ["train.batch_size=4", "train.warmup_steps=1", "train.ckpt_every=2", "diffusion.sample_steps=3",
-            "diffusion.guidance=1.5"]  # fmt: skip
-    assert main(["train", "--latents", str(root / "latents"), "--out", str(root / "run"), "--preset", "tiny", "--steps", "2", "--quiet"]
-                + [a for s in sets for a in ("--set", s)]) == 0  # fmt: skip
     (root / "design.tsv").write_text(DESIGN)
     return {"root": root, "run": root / "run", "mask": mask, "mean": mean, "component": component}
 
@@ -91,7 +86,7 @@ def test_runs_are_a_bids_derivative_dataset(runs, model):
     assert np.isfinite(data).all() and (data[~model["mask"]] == 0).all() and data[model["mask"]].std() > 0
     sidecar = json.loads(_bold(runs, "synth02").with_name("sub-synth02_task-motor_run-1_bold.json").read_text())
     assert sidecar["RepetitionTime"] == TR and sidecar["TaskName"] == "motor" and sidecar["seed"] == 7
-    assert sidecar["generator"]["steps"] == 3 and sidecar["generator"]["frames"] == FRAMES
+    assert sidecar["generator"]["steps"] == 4 and sidecar["generator"]["frames"] == FRAMES  # the run's sample_steps
     events = pd.read_csv(_bold(runs, "synth02").with_name("sub-synth02_task-motor_run-1_events.tsv"), sep="\t")
     assert list(events.columns) == ["onset", "duration", "trial_type"]  # modulation only when one is not 1
     assert list(events["trial_type"]) == ["MOTOR:rh", "WM:2bk_faces", "MOTOR:rh", "WM:2bk_faces"]
