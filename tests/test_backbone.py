@@ -7,7 +7,7 @@ from einops import rearrange
 from fmrisynth.cli import main
 from fmrisynth.config import ModelConfig
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.models.backbone import VARIANTS, Backbone
+from fmrisynth.models.backbone import VARIANTS, Backbone, Stage
 from fmrisynth.models.blocks import DesignEmbedder, GroupNorm, LabelEmbedder, ResBlock, TemporalConv, TransformerBlock, rope
 from fmrisynth.models.presets import LATENT_SHAPES, PRESETS, build_denoiser, count_params, gflops
 
@@ -49,6 +49,19 @@ def test_every_variant_runs_odd_latents_through_every_weight(variant, spatial):
         y[..., -1, -1, -1] += 1.0
         assert (model(y, t, label, design) - out)[..., -1, -1, -1].abs().amax() > 1e-4
         assert torch.allclose(model(x[:1], t[:1], label[:1], design[:1]), out[:1], atol=1e-5)
+
+
+@pytest.mark.parametrize("spatial", [(5, 7, 3), (4, 5, 6)])
+def test_a_patched_transformer_stage_sees_odd_sides_as_zero_padded_ones(spatial):
+    """A side the patch does not divide is padded with zeros at its far end and cropped back: the
+    stage's output is, on the real voxels, its output on the latent zero-padded by hand."""
+    stage = trained_like(Stage("attn", 8, 1, 16, 8, patch=2, mlp_ratio=2.0, adaln=True, xattn=True)).eval()
+    h = torch.randn(2 * 3, 8, *spatial)  # (B*T, C, d, h, w), B = 2 clips of T = 3 frames
+    c, ctx = torch.randn(6, 16), torch.randn(2, 5, 16)  # (B*T, cond), (B, M, cond)
+    d, hh, w = spatial
+    padded = torch.nn.functional.pad(h, (0, -w % 2, 0, -hh % 2, 0, -d % 2))  # (B*T, C, even sides)
+    with torch.no_grad():
+        assert torch.allclose(stage(h, c, ctx, 3), stage(padded, c, ctx, 3)[:, :, :d, :hh, :w], atol=1e-5)
 
 
 def test_one_model_runs_any_clip_length_with_the_same_weights():

@@ -38,7 +38,9 @@ def perturbed(model):
 @pytest.mark.parametrize("latent_shape", [(20, 4, 8, 10, 8), (3, 2, 5, 7, 9)], ids=["demo", "odd"])
 def test_output_is_the_zero_direct_path_at_init_and_follows_the_time_step_after(latent_shape):
     """Latents padded to the U-Net's multiple come back at their own shape: zero at init (MONAI's
-    zero-initialised output conv), then dependent on the diffusion time step, one clip at a time."""
+    zero-initialised output conv); after, the real voxels of the output on the latent zero-padded by
+    hand (padding at the far end, the crop aligned), dependent on the diffusion time step, one clip
+    at a time."""
     model = tiny(latent_shape)
     x, t, label, design = inputs(latent_shape)
     with torch.no_grad():
@@ -46,6 +48,10 @@ def test_output_is_the_zero_direct_path_at_init_and_follows_the_time_step_after(
         perturbed(model)
         out = model(x, t, label, design)  # (B, T, c, d, h, w)
         assert out.shape == x.shape and torch.isfinite(out).all()
+        d, h, w = latent_shape[2:]
+        padded = torch.nn.functional.pad(x, (0, -w % model.multiple, 0, -h % model.multiple, 0, -d % model.multiple))
+        assert padded.shape != x.shape  # both latents need padding
+        assert torch.allclose(model(padded, t, label, design)[..., :d, :h, :w], out, rtol=1e-4, atol=1e-4)
         assert not torch.allclose(out, model(x, (t + 500) % 1000, label, design))
         assert torch.allclose(model(x[:1], t[:1], label[:1], design[:1]), out[:1], rtol=1e-4, atol=1e-4)
 
