@@ -38,8 +38,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
-from fmrisynth.generate.codec import encode_store
 from fmrisynth.evaluate.summary import result_row
+from fmrisynth.generate.fit import encode_and_fit
 from fmrisynth.pipeline import _stage, final_loss, prepare_latents, sample_and_evaluate
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
@@ -243,8 +243,8 @@ def main(argv: list[str] | None = None) -> dict:
         arm_cfg = replace(cfg, model=arm.model, stage2=replace(cfg.stage2, response=arm.response))
         if arm.response not in latents:  # the same clips and VQ-GAN, encoded whole
             latents[arm.response] = _stage(f"encode ({arm.response})", out / f"latents-{arm.response}", args.fresh,
-                                           lambda d: encode_store(data / "vae", data / "store", d,
-                                                                  splits=("train",), stage2=arm_cfg.stage2, seed=cfg.seed), print)  # fmt: skip
+                                           lambda d: encode_and_fit(data / "vae", data / "store", d, arm_cfg.stage2,
+                                                                    cfg.seed, splits=("train",)), print)  # fmt: skip
         rows.append(run_arm(arm_cfg, a, latents[arm.response], data / "store", out, args.fresh, print))
     if not args.no_gaussian:
         rows.append(gaussian_row(cfg, out / arms[0] / "diffusion", data / "store", out, args.fresh, print))

@@ -11,7 +11,8 @@ from fmrisynth.cli import main
 from fmrisynth.config import Config, Stage2Config, TrainConfig, VQGANConfig
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.generate.codec import decode, encode_store, load_vqgan, reconstruct_store
+from fmrisynth.generate.codec import decode, encode_store, latent_extras, load_vqgan, reconstruct_store
+from fmrisynth.generate.fit import encode_and_fit, fit_backgrounds
 from fmrisynth.publish import resolve_recorded
 from fmrisynth.training.vqgan import train_vae
 
@@ -77,8 +78,7 @@ def test_checkpoint_reloads_to_identical_outputs(run):
 
 
 def test_latent_store_keeps_rows_and_decodes_back(run, store, tmp_path):
-    whole = Stage2Config(response="none")  # latents of whole clips, so decoding them gives the clips back
-    latents = encode_store(run, store, tmp_path / "latents", progress=False, stage2=whole)
+    latents = encode_store(run, store, tmp_path / "latents", progress=False)  # whole clips: decoding gives them back
     clips, lat = ClipStore(store), ClipStore(latents)
     assert lat.kind == "latents" and len(lat) == len(clips) and lat.item_shape == (T, 4, 4, 5, 4)
     assert lat.manifest.drop(columns="index").equals(clips.manifest.drop(columns="index"))
@@ -93,7 +93,7 @@ def test_latent_store_keeps_rows_and_decodes_back(run, store, tmp_path):
     direct = model(torch.from_numpy(clips.clip(0))[:, None])[0][:, 0]
     assert torch.allclose(vols[0], direct, atol=0.05)  # float16 latents decode like the model's own pass
 
-    train_only = ClipStore(encode_store(run, store, tmp_path / "train_latents", progress=False, splits=("train",), stage2=whole))
+    train_only = ClipStore(encode_store(run, store, tmp_path / "train_latents", progress=False, splits=("train",)))
     assert set(train_only.manifest["split"]) == {"train"} and len(train_only) == len(clips.indices(split="train"))
     assert train_only.header["latent_mean"] == h["latent_mean"]  # the statistics are the train split's either way
 
@@ -102,6 +102,19 @@ def test_latent_store_keeps_rows_and_decodes_back(run, store, tmp_path):
     assert list(recon.manifest["subject"]) == list(clips.manifest["subject"][8:])
     err = np.abs(recon.item(0) - clips.item(8)).mean() / np.abs(clips.item(8)).mean()
     assert err < 0.8
+
+
+def test_fit_stage_keeps_the_models_in_the_latent_store(run, store, tmp_path):
+    stage2 = Stage2Config(background_clips=6, noise_clips=4, background_components=3)
+    latents = ClipStore(encode_and_fit(run, store, tmp_path / "latents", stage2, seed=1, splits=("train",), progress=False))
+    assert latents.header["response"] == "hrf" and len(latents) == 8
+    extras = latent_extras(latents)
+    assert extras.response.conditions == ["A:a", "B:b"]
+    e = int(np.prod(latents.item_shape[1:]))
+    assert extras.background.psi.shape == (int(ClipStore(store).mask.sum()),) == extras.codec.psi.shape
+    assert extras.prior.psi.shape == (e,) and set(extras.prior.subjects) <= {"s0", "s1", "s2", "s3"}
+    with pytest.raises(FmrisynthError, match="not a latent store"):
+        fit_backgrounds(store)
 
 
 def test_bad_checkpoint_and_mismatched_grid_are_clear_errors(run, store, tmp_path):

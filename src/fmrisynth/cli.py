@@ -202,22 +202,11 @@ def _prepare(args):
     )
 )
 def _train_vae(args):
-    import shutil
-
-    from fmrisynth.generate.codec import encode_store
-    from fmrisynth.distributed import is_main, main_only
-    from fmrisynth.training.vqgan import train_vae
+    from fmrisynth.distributed import is_main
+    from fmrisynth.pipeline import train_codec
 
     cfg = config_from(args, vae__preset=args.preset, vae_train__steps=args.steps)
-    checkpoint = train_vae(cfg, args.store, args.out, resume=args.resume, progress=not args.quiet)
-    latents = args.out / "latents"
-
-    def encode() -> None:  # under torchrun: rank 0 only, the other ranks wait
-        if args.resume:  # latents of an earlier checkpoint are stale
-            shutil.rmtree(latents, ignore_errors=True)
-        encode_store(checkpoint, args.store, latents, progress=not args.quiet, stage2=cfg.stage2, seed=cfg.seed)
-
-    main_only(encode)
+    checkpoint, latents = train_codec(cfg, args.store, args.out, resume=args.resume, progress=not args.quiet)
     if is_main():
         print(f"checkpoint: {checkpoint}\nlatent store: {latents}")
 

@@ -52,10 +52,31 @@ def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log
     return out
 
 
+def train_codec(cfg: Config, store: Path, out: Path, resume: bool = False, progress: bool = True,
+                splits: tuple[str, ...] | None = None) -> tuple[Path, Path]:  # fmt: skip
+    """``fmrisynth train-vae``: the VQ-GAN of ``cfg.vae`` on a clip store, then its latent store
+    ``out/latents`` (of ``splits``) with the models fitted on it (``generate.fit.encode_and_fit``).
+
+    Under torchrun every rank trains and rank 0 alone writes the latent store while the others
+    wait. Returns (the last checkpoint, the latent store).
+    """
+    from fmrisynth.distributed import main_only
+    from fmrisynth.generate.fit import encode_and_fit
+    from fmrisynth.training.vqgan import train_vae
+
+    checkpoint, latents = train_vae(cfg, store, out, resume=resume, progress=progress), Path(out) / "latents"
+
+    def encode() -> None:
+        if resume:  # latents of an earlier checkpoint are stale
+            shutil.rmtree(latents, ignore_errors=True)
+        encode_and_fit(checkpoint, store, latents, cfg.stage2, cfg.seed, splits=splits, progress=progress)
+
+    main_only(encode)
+    return checkpoint, latents
+
+
 def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[str], None] = print) -> Path:
     """simulate → prepare → train-vae → latent cache; returns the latent store (reused when done)."""
-    from fmrisynth.generate.codec import encode_store
-    from fmrisynth.training.vqgan import train_vae
     from fmrisynth.data.prepare import prepare
     from fmrisynth.data.simulator import simulate
 
@@ -68,10 +89,8 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
         shutil.rmtree(d, ignore_errors=True)
         prepare("hcp", out / "sim", d, cfg, progress=True)
 
-    def vae_into(d: Path) -> None:
-        ckpt = train_vae(cfg, out / "store", d, resume=True)
-        shutil.rmtree(d / "latents", ignore_errors=True)
-        encode_store(ckpt, out / "store", d / "latents", splits=("train",), stage2=cfg.stage2, seed=cfg.seed)
+    def vae_into(d: Path) -> None:  # the held-out clips' latents: nothing downstream reads them
+        train_codec(cfg, out / "store", d, resume=True, splits=("train",))
 
     _stage("simulate", out / "sim", fresh, simulate_into, log)
     _stage("prepare", out / "store", fresh, prepare_into, log)

@@ -2,14 +2,11 @@
 
 ``encode_store`` turns a clip store into a *latent store* (a ClipStore of kind "latents": item
 (T, c, d, h, w) float16, the same manifest rows in the same order, and per-channel latent mean/std
-over the train split for the diffusion stage to normalise with). With ``response="hrf"`` it first
-fits the task response model on the train clips (models/response.py) and encodes each clip minus
-its subject's response: stage 2 then diffuses what the task does not explain. It also fits three
-Gaussian background models (models/background.py), kept inside the latent store as ``Extras``:
-``background.npz`` (clip - response in voxels: the training-free Gaussian generator),
-``latent_prior.npz`` (the normalised residual latents: the diffusion's prior) and
-``codec_residual.npz`` (clip - decode(encode(clip)), what the VQ-GAN drops: about 38 % of the
-variance on the demo, structured in space and time, added back to decoded clips).
+over the train split for the diffusion stage to normalise with). Given a task response model
+(models/response.py) it encodes each clip minus its subject's response: stage 2 then diffuses what
+the task does not explain. The models a latent store keeps beside its latents are fitted in
+``generate/fit.py`` (the response before encoding, the Gaussian background models after it);
+``latent_extras`` reads them all back as ``Extras``.
 
 ``decode`` maps generated latents back to volumes; ``reconstruct_store`` writes decoded clips as a
 clip store, so that ``fmrisynth evaluate`` measures what decoding alone loses (the ``codec``
@@ -26,7 +23,6 @@ import numpy as np
 import torch
 
 from fmrisynth.checkpoint import load_checkpoint
-from fmrisynth.config import Stage2Config
 from fmrisynth.data.store import ClipStore, StoreWriter, require_clip_store
 from fmrisynth.distributed import default_device
 from fmrisynth.errors import FmrisynthError
@@ -76,13 +72,13 @@ def _provenance(vqgan_checkpoint: Path, clips: ClipStore, out: Path) -> dict:
 
 
 @torch.no_grad()
-def _per_clip(
+def per_clip(
     fn, store: ClipStore, indices: np.ndarray, batch: int, progress: bool, desc: str,
     transform: Callable[[int, np.ndarray], np.ndarray] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:  # fmt: skip
     """Yield (index, fn(frames)) per clip, frames (T, 1, D, H, W) fed ``batch`` at a time.
 
-    ``transform(i, clip)`` may change the clip (T, D, H, W) first (subtract its task response).
+    ``transform(i, clip)`` may change the clip (T, D, H, W) first (``minus_response``).
     """
     from tqdm import tqdm
 
@@ -93,78 +89,61 @@ def _per_clip(
         yield int(i), torch.cat([fn(chunk) for chunk in frames.split(batch)]).cpu()
 
 
+def minus_response(clips: ClipStore, response: ResponseModel | None) -> Callable[[int, np.ndarray], np.ndarray] | None:
+    """The ``per_clip`` transform that subtracts clip i's task response (T, D, H, W); None without a model."""
+    if response is None:
+        return None
+    return lambda i, clip: clip - clips.unmask(response.clip_response(clips, i))
+
+
+def train_rows(clips: ClipStore) -> np.ndarray:
+    """The train split's rows: the latent statistics and every model of a latent store are fitted on them."""
+    rows = clips.indices(split="train")
+    if len(rows) < 2:
+        raise FmrisynthError("the clip store needs at least 2 train clips to compute latent statistics on", clips.path)
+    return rows
+
+
 def encode_store(
     vqgan_checkpoint: Path, clip_store: Path, out: Path, progress: bool = True, batch: int = 32,
-    splits: tuple[str, ...] | None = None, stage2: Stage2Config | None = None, seed: int = 0,
+    splits: tuple[str, ...] | None = None, response: ResponseModel | None = None,
 ) -> Path:  # fmt: skip
     """Encode every clip of ``clip_store`` (or those of ``splits``) once into a latent store at ``out``.
 
-    Items are the unquantised encoder outputs (T, c, d, h, w); ``decode`` quantises them. The header
-    records the checkpoint, the source store, the grid, ``stage2.response`` ("hrf": items encode
-    clip - response, "none": whole clips) and the per-channel mean and std of the train split's
-    latents. Up to ``stage2.background_clips`` train clips (drawn with ``seed``) fit the voxel and
-    latent Gaussian models, ``stage2.noise_clips`` of them the codec residual model (``Extras``).
-    Stage 2 trains on the train split only, so ``splits=("train",)`` saves the time of encoding
-    held-out clips nothing downstream reads. Returns ``out``.
+    Items are the unquantised encoder outputs (T, c, d, h, w) of each clip minus its task response
+    when ``response`` is given (``generate.fit.fit_response``; kept beside them as response.npz), of
+    the whole clip otherwise; ``decode`` quantises them. The header records the checkpoint, the
+    source store, the grid, ``response`` ("hrf" or "none") and the per-channel mean and std of the
+    train split's latents. Stage 2 trains on the train split only, so ``splits=("train",)`` saves
+    the time of encoding held-out clips nothing downstream reads. Returns ``out``.
     """
     clips = require_clip_store(Path(clip_store))
-    stage2 = stage2 or Stage2Config()
-    response = stage2.response
-    if response not in ("hrf", "none"):
-        raise FmrisynthError(f"unknown response model {response!r}; choose hrf or none")
     model = load_vqgan(vqgan_checkpoint, clips.mask).to(default_device())
     c, f = model.quantizer.codebook.shape[1], model.downsample
     item_shape = (clips.item_shape[0], c, *(s // f for s in clips.grid_shape))
-    meta = {**_provenance(vqgan_checkpoint, clips, out), "response": response}
-    train_rows = clips.indices(split="train")
-    if len(train_rows) < 2:
-        raise FmrisynthError("the clip store needs at least 2 train clips to compute latent statistics on", clips.path)
-    fitted = ResponseModel.fit(clips, train_rows, stage2.response_rank) if response == "hrf" else None
-    rng = np.random.default_rng(seed)
-    fit_rows = set(rng.choice(train_rows, min(stage2.background_clips, len(train_rows)), replace=False).tolist())
-    noise_rows = np.sort(rng.choice(train_rows, min(stage2.noise_clips, len(train_rows)), replace=False))
-    voxels, latents = {}, {}  # train clip -> its residual (T, V) float16 / latent (T, c, d, h, w) float16
-
-    def residual(i: int, clip: np.ndarray) -> np.ndarray:  # (T, D, H, W) minus the clip's response
-        clip = clip - clips.unmask(fitted.clip_response(clips, i)) if fitted is not None else clip
-        if i in fit_rows and i not in voxels:
-            voxels[i] = clip[:, clips.mask].astype(np.float16)
-        return clip
-
-    train = set(train_rows.tolist())
+    meta = {**_provenance(vqgan_checkpoint, clips, out), "response": "none" if response is None else "hrf"}
+    train = set(train_rows(clips).tolist())
+    keep = np.arange(len(clips)) if splits is None else np.flatnonzero(clips.manifest["split"].isin(splits).to_numpy())
     moments = torch.zeros(3, c, dtype=torch.float64)  # count, sum, sum of squares per channel
     with StoreWriter(out, item_shape, clips.affine, clips.grid_shape, clips.conditions, kind="latents", meta=meta) as w:
-        keep = np.arange(len(clips)) if splits is None else np.flatnonzero(clips.manifest["split"].isin(splits).to_numpy())
-        for i, z in _per_clip(model.latent, clips, keep, batch, progress, "encode", residual):  # z (T, c, d, h, w)
-            z16 = z.half()
+        for i, z in per_clip(model.latent, clips, keep, batch, progress, "encode", minus_response(clips, response)):
+            z16 = z.half()  # (T, c, d, h, w)
             w.add(z16.numpy(), **clips.manifest.iloc[i].to_dict())
             if i in train:
                 zc = z16.double().transpose(0, 1).reshape(c, -1)  # (c, T·d·h·w), as stored
                 moments += torch.stack([torch.full((c,), zc.shape[1], dtype=torch.float64), zc.sum(1), zc.pow(2).sum(1)])
-            if i in fit_rows:
-                latents[i] = z16.numpy()
         mean = moments[1] / moments[0]
         std = (moments[2] / moments[0] - mean**2).clamp(min=1e-12).sqrt()
         w.header.update(latent_mean=mean.tolist(), latent_std=std.tolist())
-        if fitted is not None:
-            fitted.save(w.tmp / "response.npz")
-        dropped = dict(_per_clip(lambda v: v - model(v)[0], clips, noise_rows, batch, False, "", residual))
-        subjects = clips.manifest["subject"].astype(str)
-        fit = lambda x, rows: GaussianBackground.fit(  # noqa: E731
-            np.stack([x[i] for i in rows]), subjects.iloc[rows].tolist(), stage2.background_components,
-            stage2.prior_clips, seed=seed)  # fmt: skip
-        rows = sorted(fit_rows & set(latents))
-        fit(voxels, rows).save(w.tmp / BACKGROUND)
-        mu, sd = (v.float().numpy()[:, None, None, None] for v in (mean, std))  # (c, 1, 1, 1): the model's units
-        fit({i: ((latents[i] - mu) / sd).reshape(item_shape[0], -1) for i in rows}, rows).save(w.tmp / PRIOR)  # (T, E)
-        dropped = {i: d[:, 0][:, torch.from_numpy(clips.mask)].numpy() for i, d in dropped.items()}  # (T, V) each
-        fit(dropped, list(noise_rows)).save(w.tmp / CODEC_RESIDUAL)
+        if response is not None:
+            response.save(w.tmp / "response.npz")
     return Path(out)
 
 
 @dataclass
 class Extras:
-    """The models a latent store keeps beside its latents (written by ``encode_store``, read here)."""
+    """The models a latent store keeps beside its latents (written by ``encode_store`` and
+    ``generate.fit.fit_backgrounds``, read here)."""
 
     response: ResponseModel | None  # the task response (None for stage2.response: none)
     background: GaussianBackground  # clip - response in voxels (T, V): the Gaussian generator
@@ -172,11 +151,15 @@ class Extras:
     codec: GaussianBackground  # clip - decode(encode(clip)) in voxels (T, V): what the VQ-GAN drops
 
 
+def stored_response(latents: ClipStore) -> ResponseModel | None:
+    """The task response model the latents of a latent store are relative to (None: whole clips)."""
+    return ResponseModel.load(latents.path / "response.npz") if latents.header.get("response") == "hrf" else None
+
+
 def latent_extras(latents: ClipStore) -> Extras:
     """The response and Gaussian background models stored with a latent store."""
-    response = ResponseModel.load(latents.path / "response.npz") if latents.header.get("response") == "hrf" else None
     load = lambda name: GaussianBackground.load(latents.path / name)  # noqa: E731
-    return Extras(response, load(BACKGROUND), load(PRIOR), load(CODEC_RESIDUAL))
+    return Extras(stored_response(latents), load(BACKGROUND), load(PRIOR), load(CODEC_RESIDUAL))
 
 
 @torch.no_grad()
@@ -204,6 +187,6 @@ def reconstruct_store(
     mask = torch.from_numpy(clips.mask)
     meta = _provenance(vqgan_checkpoint, clips, out)
     with StoreWriter(out, clips.item_shape, clips.affine, clips.grid_shape, clips.conditions, mask=clips.mask, meta=meta) as w:
-        for i, recon in _per_clip(lambda x: model(x)[0], clips, indices, batch, progress, "reconstruct"):
+        for i, recon in per_clip(lambda x: model(x)[0], clips, indices, batch, progress, "reconstruct"):
             w.add(recon[:, 0][:, mask].numpy(), **clips.manifest.iloc[i].to_dict())  # (T, V)
     return Path(out)
