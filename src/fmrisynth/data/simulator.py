@@ -73,10 +73,10 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
                 write_truth(sim, subject, [c for p in paradigms for c in p.conditions], tmp / name / "truth")
                 for p in paradigms:
                     for pe in sim_cfg.runs:
-                        volume, folder, run = _write_run(subject, p, pe, cfg.seed, tmp / name)  # (N, T) int16
+                        volume, path = _write_run(subject, p, pe, cfg.seed, tmp / name)  # (N, T) int16
                         if pending is not None:
                             pending.result()  # at most one run waits in memory
-                        pending = writer.submit(_save, sim, volume, folder / f"{run}.nii.gz", HCP_TR)
+                        pending = writer.submit(_save, sim, volume, path, HCP_TR)
                         bar.update()
             if pending is not None:
                 pending.result()
@@ -106,9 +106,9 @@ def write_truth(sim: SimGrid, subject: _Subject, conditions: list[str], folder: 
     _save(sim, subject.warped_mask()[:, None], folder / "brain_mask.nii.gz")
 
 
-def _write_run(subject: _Subject, p: Paradigm, pe: str, seed: int, root: Path) -> tuple[np.ndarray, Path, str]:
+def _write_run(subject: _Subject, p: Paradigm, pe: str, seed: int, root: Path) -> tuple[np.ndarray, Path]:
     """Synthesise one run of ``subject`` under ``root`` (its folder) and write its EVs and true design;
-    return the volume (N, T) int16, its folder and name, for the writer thread to save.
+    return the volume (N, T) int16 and the path of its image, for the writer thread to save.
 
     The schedule is seeded by (seed, paradigm, phase encoding) only: every subject sees the same design.
     """
@@ -118,7 +118,7 @@ def _write_run(subject: _Subject, p: Paradigm, pe: str, seed: int, root: Path) -
     volume, design = subject.run(p, pe, events)  # (N, T) int16
     _write_evs(folder / "EVs", events)
     design.to_csv(root / "truth" / f"design_{run}.tsv", sep="\t", index=False, float_format="%.6g")
-    return volume, folder, run
+    return volume, folder / f"{run}.nii.gz"
 
 
 @contextmanager
