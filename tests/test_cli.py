@@ -1,5 +1,8 @@
 import subprocess
 import sys
+from importlib.metadata import version
+
+import pytest
 
 from fmrisynth import cli
 from fmrisynth.cli import VERBS, main
@@ -21,6 +24,12 @@ for argv in [["--help"]] + [[verb, "--help"] for verb in VERBS]:
     assert "usage:" in out.getvalue(), argv
 print(",".join(sorted(m for m in {HEAVY!r} if m in sys.modules)))
 """
+
+
+def test_version_is_the_installed_distributions(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"fmrisynth {version('fmrisynth')}"
 
 
 def test_help_lists_every_verb():

@@ -15,29 +15,21 @@ import warnings
 from pathlib import Path
 from typing import Callable
 
+import fmrisynth
 from fmrisynth.errors import FmrisynthError
 
-VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None]]] = {}
+VERBS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], object]]] = {}  # name -> (help, add its flags)
 HANDLERS: dict[str, Callable[[argparse.Namespace], int | None]] = {}
 
 
-def verb(name: str, help: str):
-    """Register ``fn(args)`` as the handler of ``fmrisynth <name>``; ``fn.arguments`` adds its flags."""
+def verb(name: str, help: str, add: Callable[[argparse.ArgumentParser], object] = lambda p: None):
+    """Register ``fn(args)`` as the handler of ``fmrisynth <name>``; ``add(parser)`` adds its flags."""
 
     def register(fn):
-        HANDLERS[name] = fn
-        VERBS[name] = (help, getattr(fn, "arguments", lambda p: None))
+        HANDLERS[name], VERBS[name] = fn, (help, add)
         return fn
 
     return register
-
-
-def arguments(add: Callable[[argparse.ArgumentParser], None]):
-    def attach(fn):
-        fn.arguments = add
-        return fn
-
-    return attach
 
 
 # --- argument types and output checks: every refusal is one line, before anything is created ---
@@ -143,20 +135,17 @@ def config_from(args: argparse.Namespace, base: Path | None = None, **flags: obj
 # --- verbs --------------------------------------------------------------------------------------
 
 
-@verb("simulate", "write an HCP-layout simulated dataset with ground truth")
-@arguments(
-    lambda p: (
-        p.add_argument("--out", type=Path, required=True, help="dataset root to create"),
-        p.add_argument("--subjects", type=positive_int, help="number of subjects (default 10)"),
-        p.add_argument("--tasks", help="hcp7 or all (the seven HCP paradigms), or a list such as MOTOR,WM"),
-        p.add_argument("--grid", help="2mm (the real HCP grid), 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
-        p.add_argument("--runs", help="phase encodings, e.g. LR,RL"),
-        p.add_argument("--events", type=Path, help="any design instead of the HCP paradigms: a BIDS events.tsv (BIDS output)"),
-        p.add_argument("--tr", type=positive_float, help="with --events: repetition time in s"),
-        p.add_argument("--frames", type=positive_int, help="with --events: frames per run"),
-        p.add_argument("--task", help="with --events: BIDS task label (default: the events file's name)"),
-    )
-)
+@verb("simulate", "write an HCP-layout simulated dataset with ground truth", lambda p: (
+    p.add_argument("--out", type=Path, required=True, help="dataset root to create"),
+    p.add_argument("--subjects", type=positive_int, help="number of subjects (default 10)"),
+    p.add_argument("--tasks", help="hcp7 or all (the seven HCP paradigms), or a list such as MOTOR,WM"),
+    p.add_argument("--grid", help="2mm (the real HCP grid), 6mm or <mm>mm:<D>x<H>x<W> (default 6mm)"),
+    p.add_argument("--runs", help="phase encodings, e.g. LR,RL"),
+    p.add_argument("--events", type=Path, help="any design instead of the HCP paradigms: a BIDS events.tsv (BIDS output)"),
+    p.add_argument("--tr", type=positive_float, help="with --events: repetition time in s"),
+    p.add_argument("--frames", type=positive_int, help="with --events: frames per run"),
+    p.add_argument("--task", help="with --events: BIDS task label (default: the events file's name)"),
+))
 def _simulate(args):
     from fmrisynth.data.simulator import simulate
 
@@ -171,18 +160,15 @@ def _simulate(args):
           f"to {summary['out']} in {summary['seconds']:.0f} s")  # fmt: skip
 
 
-@verb("prepare", "resample, mask and normalise runs, cut labelled clips into a store")
-@arguments(
-    lambda p: (
-        p.add_argument("--source", choices=["hcp", "bids"], required=True),
-        p.add_argument("root", type=Path, help="dataset root"),
-        p.add_argument("--out", type=Path, required=True, help="clip store to create"),
-        p.add_argument("--grid", help="2mm, 6mm or <mm>mm:<D>x<H>x<W>"),
-        p.add_argument("--clip-len", type=positive_int, help="frames per clip (default 20)"),
-        p.add_argument("--conditions", help="hcp7, hcp24 or all (default: hcp7 for hcp, all for bids)"),
-        p.add_argument("--quiet", action="store_true", help="no progress bar"),
-    )
-)
+@verb("prepare", "resample, mask and normalise runs, cut labelled clips into a store", lambda p: (
+    p.add_argument("--source", choices=["hcp", "bids"], required=True),
+    p.add_argument("root", type=Path, help="dataset root"),
+    p.add_argument("--out", type=Path, required=True, help="clip store to create"),
+    p.add_argument("--grid", help="2mm, 6mm or <mm>mm:<D>x<H>x<W>"),
+    p.add_argument("--clip-len", type=positive_int, help="frames per clip (default 20)"),
+    p.add_argument("--conditions", help="hcp7, hcp24 or all (default: hcp7 for hcp, all for bids)"),
+    p.add_argument("--quiet", action="store_true", help="no progress bar"),
+))
 def _prepare(args):
     from fmrisynth.data.prepare import format_summary, prepare
 
@@ -190,17 +176,14 @@ def _prepare(args):
     print(format_summary(prepare(args.source, args.root, args.out, cfg, progress=not args.quiet)))
 
 
-@verb("train-vae", "train the stage-1 3D VQ-GAN on a clip store, then encode it to OUT/latents")
-@arguments(
-    lambda p: (
-        p.add_argument("--store", type=Path, required=True, help="clip store from `fmrisynth prepare`"),
-        p.add_argument("--out", type=Path, required=True, help="run directory; the latent store goes to OUT/latents"),
-        p.add_argument("--preset", help="tiny (CPU) or base"),
-        p.add_argument("--steps", type=positive_int, help="training steps (vae_train.steps)"),
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
-        p.add_argument("--quiet", action="store_true", help="no progress bars"),
-    )
-)
+@verb("train-vae", "train the stage-1 3D VQ-GAN on a clip store, then encode it to OUT/latents", lambda p: (
+    p.add_argument("--store", type=Path, required=True, help="clip store from `fmrisynth prepare`"),
+    p.add_argument("--out", type=Path, required=True, help="run directory; the latent store goes to OUT/latents"),
+    p.add_argument("--preset", help="tiny (CPU) or base"),
+    p.add_argument("--steps", type=positive_int, help="training steps (vae_train.steps)"),
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
+    p.add_argument("--quiet", action="store_true", help="no progress bars"),
+))
 def _train_vae(args):
     from fmrisynth.distributed import is_main
     from fmrisynth.pipeline import train_codec
@@ -211,23 +194,20 @@ def _train_vae(args):
         print(f"checkpoint: {checkpoint}\nlatent store: {latents}")
 
 
-@verb("train", "train the stage-2 latent diffusion model on a latent store")
-@arguments(
-    lambda p: (
-        p.add_argument("--latents", type=Path, required=True, help="latent store from `fmrisynth train-vae`"),
-        p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, train_log.jsonl)"),
-        p.add_argument("--preset", help="model size, see `fmrisynth presets` (default tiny)"),
-        p.add_argument("--backbone", choices=["ours", "monai-unet"]),
-        p.add_argument("--variant", choices=["hybrid", "all-cnn", "all-transformer", "adaln-only", "xattn-only"]),
-        p.add_argument("--steps", type=positive_int, help="training steps (train.steps)"),
-        p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
-        p.add_argument("--quiet", action="store_true", help="no progress bar"),
-    )
-)
+@verb("train", "train the stage-2 latent diffusion model on a latent store", lambda p: (
+    p.add_argument("--latents", type=Path, required=True, help="latent store from `fmrisynth train-vae`"),
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, train_log.jsonl)"),
+    p.add_argument("--preset", help="model size, see `fmrisynth presets` (default tiny)"),
+    p.add_argument("--backbone", choices=["ours", "monai-unet"]),
+    p.add_argument("--variant", choices=["hybrid", "all-cnn", "all-transformer", "adaln-only", "xattn-only"]),
+    p.add_argument("--steps", type=positive_int, help="training steps (train.steps)"),
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint"),
+    p.add_argument("--quiet", action="store_true", help="no progress bar"),
+))
 def _train(args):
+    from fmrisynth.distributed import is_main
     from fmrisynth.models.presets import describe
     from fmrisynth.training.diffusion import train_diffusion
-    from fmrisynth.distributed import is_main
 
     cfg = config_from(args, model__preset=args.preset, model__backbone=args.backbone, model__variant=args.variant,
                       train__steps=args.steps)  # fmt: skip
@@ -238,31 +218,28 @@ def _train(args):
         print(f"checkpoint: {checkpoint}")
 
 
-@verb("sample", "generate clips of a condition, or whole runs of any design, as a BIDS dataset")
-@arguments(
-    lambda p: (
-        p.add_argument("--checkpoint", type=Path, required=True, help="run of `fmrisynth train`, a checkpoint, or a demo folder"),
-        p.add_argument("--condition", help="clip mode: the condition, e.g. MOTOR:rh"),
-        p.add_argument("--n", type=positive_int, default=8, help="clip mode: clips to generate"),
-        p.add_argument("--guidance", type=finite_float, help="clip mode: classifier-free guidance (default: the run's)"),
-        p.add_argument("--onset", type=finite_float, help="clip mode: block onset in s (default: drawn from training)"),
-        p.add_argument("--duration", type=positive_float, help="clip mode: block duration in s (default: drawn from training)"),
-        p.add_argument("--events", type=Path, help="run mode: a BIDS events.tsv (onset, duration, trial_type[, modulation])"),
-        p.add_argument("--tr", type=positive_float, help="run mode: repetition time in s"),
-        p.add_argument("--frames", type=positive_int, help="run mode: frames per run"),
-        p.add_argument("--subjects", type=positive_int, default=1, help="run mode: generated subjects, one run each"),
-        p.add_argument("--task", help="run mode: BIDS task label, letters and digits (default: the events file's name)"),
-        p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)"),
-        p.add_argument("--sampler", choices=["ddpm", "ddim", "analytic"]),
-        p.add_argument("--generator", choices=["ours", "gaussian"], default="ours",
-                       help="the deep generator, or the run's Gaussian background model (no network, seconds)"),
-        p.add_argument("--out", type=Path, required=True, help="BIDS dataset folder (created; other tasks in it stay)"),
-    )
-)
+@verb("sample", "generate clips of a condition, or whole runs of any design, as a BIDS dataset", lambda p: (
+    p.add_argument("--checkpoint", type=Path, required=True, help="run of `fmrisynth train`, a checkpoint, or a demo folder"),
+    p.add_argument("--condition", help="clip mode: the condition, e.g. MOTOR:rh"),
+    p.add_argument("--n", type=positive_int, default=8, help="clip mode: clips to generate"),
+    p.add_argument("--guidance", type=finite_float, help="clip mode: classifier-free guidance (default: the run's)"),
+    p.add_argument("--onset", type=finite_float, help="clip mode: block onset in s (default: drawn from training)"),
+    p.add_argument("--duration", type=positive_float, help="clip mode: block duration in s (default: drawn from training)"),
+    p.add_argument("--events", type=Path, help="run mode: a BIDS events.tsv (onset, duration, trial_type[, modulation])"),
+    p.add_argument("--tr", type=positive_float, help="run mode: repetition time in s"),
+    p.add_argument("--frames", type=positive_int, help="run mode: frames per run"),
+    p.add_argument("--subjects", type=positive_int, default=1, help="run mode: generated subjects, one run each"),
+    p.add_argument("--task", help="run mode: BIDS task label, letters and digits (default: the events file's name)"),
+    p.add_argument("--steps", type=positive_int, help="sampling steps (default: the run's)"),
+    p.add_argument("--sampler", choices=["ddpm", "ddim", "analytic"]),
+    p.add_argument("--generator", choices=["ours", "gaussian"], default="ours",
+                   help="the deep generator, or the run's Gaussian background model (no network, seconds)"),
+    p.add_argument("--out", type=Path, required=True, help="BIDS dataset folder (created; other tasks in it stay)"),
+))
 def _sample(args):
+    from fmrisynth.checkpoint import latest_checkpoint
     from fmrisynth.config import save_config
     from fmrisynth.generate import sample as gen
-    from fmrisynth.checkpoint import latest_checkpoint
 
     # the run's own config is the base: its sampling settings and seed hold unless YAML, --set or a flag changes them
     base = latest_checkpoint(gen.find_run(args.checkpoint)) / "config.yaml"
@@ -273,27 +250,25 @@ def _sample(args):
         paths = gen.sample(args.checkpoint, args.condition, args.n, args.out, guidance=d.guidance, steps=d.sample_steps,
                            sampler=d.sampler, seed=cfg.seed, onset_s=args.onset, duration_s=args.duration,
                            kind=args.generator)  # fmt: skip
-        save_config(cfg, args.out / "config.yaml")
-        return print(f"{len(paths)} clips of {args.condition} -> {args.out}")
-    clip_flags = [f for f in ("condition", "guidance", "onset", "duration") if getattr(args, f) is not None]
-    paths = gen.sample_runs(args.checkpoint, args.events, args.tr, args.frames, args.out, subjects=args.subjects, task=args.task,
-                            seed=cfg.seed, steps=d.sample_steps, sampler=d.sampler, progress=True, clip_flags=clip_flags,
-                            kind=args.generator)  # fmt: skip
+        made = f"{len(paths)} clips of {args.condition}"
+    else:
+        clip_flags = [f for f in ("condition", "guidance", "onset", "duration") if getattr(args, f) is not None]
+        paths = gen.sample_runs(args.checkpoint, args.events, args.tr, args.frames, args.out, subjects=args.subjects,
+                                task=args.task, seed=cfg.seed, steps=d.sample_steps, sampler=d.sampler, progress=True,
+                                clip_flags=clip_flags, kind=args.generator)  # fmt: skip
+        made = f"{len(paths)} runs ({args.frames} frames, TR {args.tr:g} s)"
     save_config(cfg, args.out / "config.yaml")
-    print(f"{len(paths)} runs ({args.frames} frames, TR {args.tr:g} s) -> {args.out}")
+    print(f"{made} -> {args.out}")
 
 
-@verb("evaluate", "generated clips beside real clips of other people: task maps, realism, references")
-@arguments(
-    lambda p: (
-        p.add_argument("--real", required=True, help="STORE[:split] of real clips (default split test)"),
-        p.add_argument("--generated", required=True, help="directory of samples, or STORE[:split] (real vs real)"),
-        p.add_argument("--reference", help="STORE:split of real clips of other subjects (default: the real store's train)"),
-        p.add_argument("--out", type=Path, required=True),
-        p.add_argument("--runs", action="store_true", help="whole runs: --real and --generated are BIDS folders of runs "
-                       "of one design (simulate / sample --events); writes OUT/runs.json"),
-    )
-)
+@verb("evaluate", "generated clips beside real clips of other people: task maps, realism, references", lambda p: (
+    p.add_argument("--real", required=True, help="STORE[:split] of real clips (default split test)"),
+    p.add_argument("--generated", required=True, help="directory of samples, or STORE[:split] (real vs real)"),
+    p.add_argument("--reference", help="STORE:split of real clips of other subjects (default: the real store's train)"),
+    p.add_argument("--out", type=Path, required=True),
+    p.add_argument("--runs", action="store_true", help="whole runs: --real and --generated are BIDS folders of runs "
+                   "of one design (simulate / sample --events); writes OUT/runs.json"),
+))
 def _evaluate(args):
     from fmrisynth.evaluate.run import evaluate
     from fmrisynth.evaluate.summary import text_table
@@ -311,30 +286,24 @@ def _evaluate(args):
     print(f"metrics: {args.out / 'metrics.json'}")
 
 
-@verb("report", "one self-contained HTML report from an evaluation")
-@arguments(
-    lambda p: (
-        p.add_argument("--eval", type=Path, required=True, help="output directory of evaluate"),
-        p.add_argument("--scaling", type=Path, help="output directory of scale"),
-        p.add_argument("--out", type=Path, required=True, help="report.html to write"),
-        p.add_argument("--peer", action="append", metavar="NAME=EVAL_DIR",
-                       help="another generator's evaluation, shown beside the generated clips (repeatable)"),
-    )
-)
+@verb("report", "one self-contained HTML report from an evaluation", lambda p: (
+    p.add_argument("--eval", type=Path, required=True, help="output directory of evaluate"),
+    p.add_argument("--scaling", type=Path, help="output directory of scale"),
+    p.add_argument("--out", type=Path, required=True, help="report.html to write"),
+    p.add_argument("--peer", action="append", metavar="NAME=EVAL_DIR",
+                   help="another generator's evaluation, shown beside the generated clips (repeatable)"),
+))
 def _report(args):
     from fmrisynth.evaluate.report import load_peers, write_report
 
     print(f"report: {write_report(args.eval, args.out, args.scaling, peers=load_peers(args.peer or []))}")
 
 
-@verb("demo", "the whole chain on the embedded simulator, on a laptop")
-@arguments(
-    lambda p: (
-        p.add_argument("--out", type=Path, default=Path("runs/demo")),
-        p.add_argument("--minutes", type=positive_float, help="wall-clock budget for the whole run"),
-        p.add_argument("--fresh", action="store_true", help="redo finished stages"),
-    )
-)
+@verb("demo", "the whole chain on the embedded simulator, on a laptop", lambda p: (
+    p.add_argument("--out", type=Path, default=Path("runs/demo")),
+    p.add_argument("--minutes", type=positive_float, help="wall-clock budget for the whole run"),
+    p.add_argument("--fresh", action="store_true", help="redo finished stages"),
+))
 def _demo(args):
     from fmrisynth.pipeline import demo
 
@@ -342,14 +311,11 @@ def _demo(args):
     demo(cfg, args.out, minutes=args.minutes or 10.0, fresh=args.fresh)
 
 
-@verb("scale", "train and evaluate a grid of model sizes, fit metric vs parameters")
-@arguments(
-    lambda p: (
-        p.add_argument("--sizes", required=True, help="comma-separated presets, e.g. s0.3m,s1m,s3m"),
-        p.add_argument("--budget", help="per size: steps (2000) or FLOPs (3e13flops); default train.steps"),
-        p.add_argument("--out", type=Path, required=True),
-    )
-)
+@verb("scale", "train and evaluate a grid of model sizes, fit metric vs parameters", lambda p: (
+    p.add_argument("--sizes", required=True, help="comma-separated presets, e.g. s0.3m,s1m,s3m"),
+    p.add_argument("--budget", help="per size: steps (2000) or FLOPs (3e13flops); default train.steps"),
+    p.add_argument("--out", type=Path, required=True),
+))
 def _scale(args):
     from fmrisynth.pipeline import scale
 
@@ -362,21 +328,15 @@ def _scale(args):
     print(f"table and fits: {args.out / 'scaling.json'}")
 
 
-@verb("presets", "list the model presets with parameters and GFLOPs")
-@arguments(lambda p: p.add_argument("--json", action="store_true", help="print a JSON list instead of a table"))
+@verb("presets", "list the model presets with parameters and GFLOPs",
+      lambda p: p.add_argument("--json", action="store_true", help="print a JSON list instead of a table"))
 def _presets(args):
     import json
 
-    from fmrisynth.models.presets import all_presets
+    from fmrisynth.models.presets import all_presets, presets_table
 
     rows = all_presets()
-    if args.json:
-        print(json.dumps(rows, indent=1))
-        return
-    print(f"{'preset':<24}{'backbone':<12}{'latent (T, c, d, h, w)':<26}{'params':>10}{'GFLOPs':>10}")
-    for r in rows:
-        shape = "(" + ", ".join(map(str, r["latent_shape"])) + ")"
-        print(f"{r['preset']:<24}{r['backbone']:<12}{shape:<26}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}")
+    print(json.dumps(rows, indent=1) if args.json else presets_table(rows))
 
 
 # --- entry point --------------------------------------------------------------------------------
@@ -387,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fmrisynth",
         description="Generate realistic whole-brain task fMRI and evaluate it like a neuroscientist.",
     )
-    parser.add_argument("--version", action="version", version="fmrisynth 0.1.0")
+    parser.add_argument("--version", action="version", version=f"fmrisynth {fmrisynth.__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (help_text, add_arguments) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -177,3 +177,12 @@ def all_presets() -> list[dict]:
     for name in _baseline_presets():
         rows += [describe(ModelConfig(backbone="monai-unet", preset=name), shape) for shape in LATENT_SHAPES.values()]
     return rows
+
+
+def presets_table(rows: list[dict]) -> str:
+    """``all_presets`` as the text table of ``fmrisynth presets``: one line per preset and latent size."""
+    lines = [f"{'preset':<24}{'backbone':<12}{'latent (T, c, d, h, w)':<26}{'params':>10}{'GFLOPs':>10}"]
+    for r in rows:
+        shape = "(" + ", ".join(map(str, r["latent_shape"])) + ")"
+        lines.append(f"{r['preset']:<24}{r['backbone']:<12}{shape:<26}{r['params'] / 1e6:>9.2f}M{r['gflops']:>10.1f}")
+    return "\n".join(lines)
