@@ -3,8 +3,9 @@
     infrastructure (the top-level modules: config, errors, publish, distributed, checkpoint, ...)
       ← data, models ← training ← generate ← evaluate ← pipeline ← cli
 
-``generate`` sits above ``training`` in the chain but imports nothing from it: sampling reads what
-training wrote (checkpoints, stage2.json) through the shared modules, so either can change alone.
+``generate`` and ``evaluate`` sit above ``training`` in the chain but import nothing from it: they
+read what training wrote (checkpoints, stage2.json) through the shared modules, so either side can
+change alone.
 Read from the source with ``ast`` (imports inside functions count too), so nothing is imported.
 """
 

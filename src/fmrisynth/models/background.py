@@ -49,7 +49,7 @@ import torch
 from fmrisynth.errors import FmrisynthError
 
 POOLED = -1  # the subject index of the pooled model (an unseen subject; the pooled ablation)
-# the files of a latent store that hold background models (generate/codec.py:encode_store writes them)
+# the files of a latent store that hold background models (generate/fit.py:fit_backgrounds writes them)
 BACKGROUND, PRIOR, CODEC_RESIDUAL = "background.npz", "latent_prior.npz", "codec_residual.npz"
 
 
