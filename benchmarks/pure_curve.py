@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fmrisynth.config import load_config, packaged_config, to_dict
 from fmrisynth.evaluate.summary import result_row
-from fmrisynth.generate.codec import encode_store
+from fmrisynth.generate.fit import encode_and_fit
 from fmrisynth.pipeline import _stage, final_loss, sample_and_evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pure_curve.json"
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = load_config(None, overrides, base=packaged_config("demo"))
     store, run = args.data / "store", args.out / "diffusion"
     latents = _stage("encode (none)", args.out / "latents", False,
-                     lambda d: encode_store(args.data / "vae", store, d, splits=("train",), stage2=cfg.stage2, seed=cfg.seed),
+                     lambda d: encode_and_fit(args.data / "vae", store, d, cfg.stage2, cfg.seed, splits=("train",)),
                      print)  # fmt: skip
 
     from fmrisynth.training.diffusion import train_diffusion
