@@ -66,8 +66,8 @@ def fit_backgrounds(latent_store: Path, stage2: Stage2Config | None = None, seed
     rows = sorted(fit_rows & set(position))
     subjects = clips.manifest["subject"].astype(str)
 
-    def fit(x: list[np.ndarray], rows) -> GaussianBackground:  # x: one (T, E) array per row
-        return GaussianBackground.fit(np.stack(x), subjects.iloc[rows].tolist(), stage2.background_components,
+    def fit(x: list[np.ndarray], of: list[int]) -> GaussianBackground:  # x: one (T, E) array per clip row of ``of``
+        return GaussianBackground.fit(np.stack(x), subjects.iloc[of].tolist(), stage2.background_components,
                                       stage2.prior_clips, seed=seed)  # fmt: skip
 
     def save(model: GaussianBackground, name: str) -> None:  # staged (fmrisynth.publish): never half-written
@@ -79,8 +79,10 @@ def fit_backgrounds(latent_store: Path, stage2: Stage2Config | None = None, seed
     mu, sd = (np.asarray(latents.header[k], np.float32)[:, None, None, None] for k in ("latent_mean", "latent_std"))
     normalised = [((latents.item(position[i]) - mu) / sd).reshape(latents.item_shape[0], -1) for i in rows]
     save(fit(normalised, rows), PRIOR)  # (T, c·d·h·w) each, in the units the diffusion model sees
-    with torch.random.fork_rng(devices=[]):  # building it draws initial weights from the global RNG that the
-        model = load_vqgan(recorded["vqgan_checkpoint"], clips.mask).to(default_device())  # fits' svd_lowrank uses
+    # building the VQ-GAN draws initial weights from torch's global RNG, which the fits' svd_lowrank draws
+    # from too: leave it as the fits before found it, so that encode + fit make what one pass made before
+    with torch.random.fork_rng(devices=[]):
+        model = load_vqgan(recorded["vqgan_checkpoint"], clips.mask).to(default_device())
     mask = torch.from_numpy(clips.mask)
     dropped = per_clip(lambda v: v - model(v)[0], clips, noise_rows, batch, False, "", residual)  # (T, 1, D, H, W) each
     save(fit([d[:, 0][:, mask].numpy() for _, d in dropped], list(noise_rows)), CODEC_RESIDUAL)  # (T, V) each
