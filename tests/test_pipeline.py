@@ -32,6 +32,7 @@ UNIT = (0.0, 1.0)
 CORR = (-1.0 - 1e-6, 1.0 + 1e-6)
 POSITIVE = (1e-300, math.inf)
 NONNEGATIVE = (0.0, math.inf)
+FINITE = (-math.inf, math.inf)
 COUNT = "count"
 # The range of every number in metrics.json (docs/design.md), by its dotted key with list indices as
 # [] and condition names as <c>; the first rule whose pattern matches the whole key applies.
@@ -46,7 +47,7 @@ RANGES = [
     (r"realism\.mean_clip_diff(_reference)?", NONNEGATIVE),
     (r"realism\.fwhm_(real|generated|reference)_mm|realism\.fwhm_axes_mm\.(real|generated|reference)\[\]", POSITIVE),
     (r"pca\.(real|generated)\.(subject|pe|task)|pca\.explained_variance_ratio\[\]", UNIT),
-    (r"hrf\.<c>\.peak_s_(real|generated|hrf)", NONNEGATIVE),
+    (r"hrf\.<c>\.peak_s_(real|generated|hrf)", FINITE),  # from the block onset: before it when the clip peaks early
     (r"(reference\.|codec\.)?n|n_real|n_generated|memorisation\.n_train|ceiling\.n_halves\[\]", COUNT),
     (r"n_per_condition\.<c>\.(real|generated)|reference\.n_per_condition\.<c>|hrf\.<c>\.roi_voxels", COUNT),
     (r"roi_fraction", (1e-300, 1.0)),
@@ -73,7 +74,7 @@ def test_sensible_knows_every_metric_and_refuses_values_out_of_range():
             "truth.generated.map_corr.MOTOR:rh": 0.4, "codec.variance_ratio": 0.9, "pca.real.pe": 0.01}  # fmt: skip
     assert all(_sensible(k, v) for k, v in good.items())
     bad = {"top1_map": 1.5, "map_corr.MOTOR:rh": 1.2, "realism.c2st_stats_ci[1]": -0.1, "n_real": 2.5,
-           "ceiling.n_halves[0]": -1, "hrf.WM:2bk_faces.peak_s_real": -1.0, "realism.fwhm_axes_mm.real[2]": 0.0,
+           "ceiling.n_halves[0]": -1, "hrf.WM:2bk_faces.peak_s_real": math.inf, "realism.fwhm_axes_mm.real[2]": 0.0,
            "truth.generated.map_corr.MOTOR:rh": math.nan, "codec.variance_ratio": math.inf, "pca.real.pe": 1.1}  # fmt: skip
     assert not any(_sensible(k, v) for k, v in bad.items())
     with pytest.raises(KeyError, match="no range known"):
