@@ -146,7 +146,7 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
     return {
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
         "params": info["params"], "gflops": info["gflops"],
-        "steps": _last_step(train), "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
+        "step_s": step_seconds(train, cfg), "sample_s_per_clip": sampling_seconds_per_clip(train, cfg),
         "response": cfg.stage2.response, **final_loss(train), **result_row(metrics),
         # evaluation v2: real clips of other subjects, what decoding loses, the simulator's truth, realism
         **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
@@ -168,11 +168,6 @@ def gaussian_row(cfg: Config, first: Path, store: Path, out: Path, fresh: bool, 
     return {"arm": "gaussian", "backbone": None, "params": 0, "steps": 0, "response": cfg.stage2.response,
             **result_row(metrics), **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
             "eval_s": float((results / ".done").read_text())}  # fmt: skip
-
-
-def _last_step(run: Path) -> int:
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"step"' in line]
-    return rows[-1]["step"] if rows else 0
 
 
 def _cell(key: str, value) -> str:

@@ -14,8 +14,9 @@ so the run at 3000 steps is the same as one uninterrupted 3000-step run.
 
 ``--data`` is a finished demo or scale data folder (sim, store, vae); its clip store is encoded whole
 once more (no response subtracted) into ``OUT/latents``. Prints a table and writes
-``benchmarks/results/pure_curve.json`` (rows: steps, training seconds, loss against an independent
-Gaussian's, task and realism figures).
+``benchmarks/results/pure_curve.json`` (rows: steps, loss against an independent Gaussian's, task
+and realism figures). A rerun resumes: finished evaluations are reused, training continues from the
+newest checkpoint.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -33,7 +33,7 @@ from fmrisynth.generate.fit import encode_and_fit
 from fmrisynth.pipeline import _stage, final_loss, sample_and_evaluate
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pure_curve.json"
-COLUMNS = ["steps", "train_s", "loss_vs_gaussian", "map_corr_mean", "rsa", "top1_map", "top1_clip", "c2st_accuracy",
+COLUMNS = ["steps", "loss_vs_gaussian", "map_corr_mean", "rsa", "top1_map", "top1_clip", "c2st_accuracy",
            "global_signal_ratio", "fc_corr"]  # fmt: skip
 
 
@@ -59,16 +59,16 @@ def main(argv: list[str] | None = None) -> dict:
 
     from fmrisynth.training.diffusion import train_diffusion
 
-    rows, train_s = [], 0.0
+    rows = []
     for n in steps:
-        step_cfg = replace(cfg, train=replace(cfg.train, steps=n))
-        t0 = time.perf_counter()
-        train_diffusion(step_cfg, latents, run, resume=True)
-        train_s += time.perf_counter() - t0
-        results = args.out / f"step_{n}"
+        step_cfg, results = replace(cfg, train=replace(cfg.train, steps=n)), args.out / f"step_{n}"
+        later = (run / "train_log.jsonl").exists() and final_loss(run)["steps"] > n
+        if later and not (results / ".done").exists():  # its evaluation would sample a later model
+            parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
+        train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
         _stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
         metrics = json.loads((results / "eval" / "metrics.json").read_text())
-        rows.append({"steps": n, "train_s": train_s, **final_loss(run), **result_row(metrics),
+        rows.append({"steps": n, **final_loss(run, upto=n), **result_row(metrics),
                      "reference": {k: metrics["reference"].get(k) for k in ("map_corr_mean", "rsa", "top1_map", "top1_clip")}})
         print(f"[pure] {n} steps: map r {metrics['map_corr_mean']:.3f}, top-1 {metrics['top1_map']:.3f}", flush=True)
 

@@ -26,8 +26,10 @@ def test_final_loss_is_the_mean_of_the_last_tenth_against_the_gaussian_reference
     rows = [{"step": 10 * (i + 1), "loss": v, "ref_loss_gaussian": 0.9} for i, v in enumerate(losses)]
     (tmp_path / "train_log.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = final_loss(tmp_path)
-    assert out["loss"] == pytest.approx(0.7) and out["ref_loss_gaussian"] == 0.9
+    assert out["steps"] == 200 and out["loss"] == pytest.approx(0.7) and out["ref_loss_gaussian"] == 0.9
     assert out["loss_vs_gaussian"] == pytest.approx(0.7 / 0.9)  # below 1: ahead of an independent Gaussian
+    early = final_loss(tmp_path, upto=100)  # a point of a training curve: the log as it stood at step 100
+    assert early["steps"] == 100 and early["loss"] == pytest.approx(2.0)
 
 
 def test_the_scaling_figure_draws_realism_and_the_gaussian_line(tmp_path, monkeypatch):

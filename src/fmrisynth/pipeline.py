@@ -25,14 +25,16 @@ from fmrisynth.publish import staged_file
 VAE_SHARE, RESERVE_SHARE = 0.25, 0.35
 
 
-def final_loss(run: Path, share: float = 0.1) -> dict:
-    """The mean training loss over the last ``share`` of train_log.jsonl, beside the loss an independent
-    Gaussian of the same data scores (``ref_loss_gaussian``) and their ratio (< 1: ahead of it)."""
+def final_loss(run: Path, share: float = 0.1, upto: int | None = None) -> dict:
+    """The last logged step and the mean training loss over the last ``share`` of train_log.jsonl (of its
+    rows up to step ``upto``), beside the loss an independent Gaussian of the same data scores (``ref_loss_gaussian``) and their
+    ratio (< 1: ahead of it)."""
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
+    rows = [r for r in rows if upto is None or r["step"] <= upto]
     tail = rows[-max(1, round(share * len(rows))):]
     loss = sum(r["loss"] for r in tail) / len(tail)
     ref = tail[-1].get("ref_loss_gaussian")
-    return {"loss": loss, "ref_loss_gaussian": ref, "loss_vs_gaussian": loss / ref if ref else None}
+    return {"steps": tail[-1]["step"], "loss": loss, "ref_loss_gaussian": ref, "loss_vs_gaussian": loss / ref if ref else None}
 
 
 def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log: Callable[[str], None]) -> Path:
