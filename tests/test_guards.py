@@ -146,7 +146,7 @@ def test_report_into_a_directory_and_prepare_into_an_existing_store_are_refused(
 @pytest.mark.parametrize(
     "verb, override, words",
     [
-        ("train", "train.batch_size=0", "config train.batch_size: must be >= 1, got 0"),
+        ("train", "train.batch_size=0", "config train.batch_size: must be an integer >= 1, got 0"),
         ("train-vae", "vae.codebook_size=0", "config vae.codebook_size: must be >= 1"),
         ("prepare", "data.clip_len=0", "config data.clip_len: must be >= 1"),
         ("simulate", "sim.thermal_sd=nan", "config sim.thermal_sd: nan is not a finite"),

@@ -185,15 +185,17 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("batch_size", 0, "train.batch_size must be a positive integer, got 0"),
-    ("lr", float("nan"), "train.lr must be a finite number > 0, got nan"),
-    ("ema_decay", 1.0, r"train.ema_decay must be in \[0, 1\)"),
-    ("amp", "fp8", "train.amp must be 'auto', 'bf16' or 'off'"),
+    ("batch_size", 0, "train.batch_size: must be an integer >= 1, got 0"),
+    ("steps", 1.5, "train.steps: must be an integer >= 1, got 1.5"),
+    ("lr", float("nan"), "train.lr: must be a finite number > 0, got nan"),
+    ("lr", float("inf"), "train.lr: must be a finite number > 0, got inf"),
+    ("ema_decay", 1.0, r"train.ema_decay: must be in \[0, 1\)"),
+    ("amp", "fp8", "train.amp: must be auto, bf16 or off"),
 ])  # fmt: skip
 def test_bad_train_settings_are_refused_before_anything_is_written(tmp_path, key, value, message):
-    """fit's own guard (loop.check_train_config), one case per kind of rule, for a TrainConfig made in
-    Python, which never passed load_config (whose refusals are test_config's); and a run directory
-    that is a file."""
+    """fit checks the config's training rules again (config.validate_train), for a TrainConfig made in
+    Python, which never passed load_config: the cases load_config cannot meet (a float step count, an
+    infinite rate); and a run directory that is a file."""
     with pytest.raises(FmrisynthError, match=message):
         fit(Denoise(), Clips(), cfg(**{key: value}), tmp_path / "run", seed=0, progress=False)
     assert not (tmp_path / "run").exists()

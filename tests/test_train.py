@@ -101,7 +101,7 @@ def test_refuses_to_overwrite_and_reports_bad_checkpoints(tmp_path):
 
 
 def test_time_budget_stops_cleanly_with_a_checkpoint(tmp_path):
-    fit(Regression(), Points(), _cfg(steps=10_000, ckpt_every=10_000, max_minutes=0.0), tmp_path, seed=0, progress=False)
+    fit(Regression(), Points(), _cfg(steps=10_000, ckpt_every=10_000, max_minutes=1e-9), tmp_path, seed=0, progress=False)
     assert load_checkpoint(tmp_path).step == 1
 
 

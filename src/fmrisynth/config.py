@@ -310,15 +310,30 @@ def _require(ok: bool, where: str, rule: str, value: Any) -> None:
         raise FmrisynthError(f"config {where}: must be {rule}, got {value!r}")
 
 
-def _validate_train(t: TrainConfig, name: str) -> None:
+def validate_train(t: TrainConfig, name: str = "train") -> None:
+    """The training settings' one set of rules, for a config read from YAML and one built in Python alike
+    (``fit`` checks again: a TrainConfig made in code never passed ``load_config``, so types and
+    finiteness are checked here too)."""
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
     for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts"):
-        _require(getattr(t, key) >= 1, f"{name}.{key}", ">= 1", getattr(t, key))
-    for key in ("warmup_steps", "num_workers", "weight_decay", "grad_clip"):
-        _require(getattr(t, key) >= 0, f"{name}.{key}", ">= 0", getattr(t, key))
-    _require(t.lr > 0, f"{name}.lr", "> 0", t.lr)
-    _require(0 <= t.ema_decay < 1, f"{name}.ema_decay", "in [0, 1)", t.ema_decay)
+        v = getattr(t, key)
+        _require(integer(v) and v >= 1, f"{name}.{key}", "an integer >= 1", v)
+    for key in ("warmup_steps", "num_workers"):
+        v = getattr(t, key)
+        _require(integer(v) and v >= 0, f"{name}.{key}", "an integer >= 0", v)
+    for key in ("weight_decay", "grad_clip"):
+        v = getattr(t, key)
+        _require(number(v) and v >= 0, f"{name}.{key}", "a finite number >= 0", v)
+    _require(number(t.lr) and t.lr > 0, f"{name}.lr", "a finite number > 0", t.lr)
+    _require(number(t.ema_decay) and 0 <= t.ema_decay < 1, f"{name}.ema_decay", "in [0, 1)", t.ema_decay)
     _require(t.amp in ("auto", "bf16", "off"), f"{name}.amp", "auto, bf16 or off", t.amp)
-    _require(t.max_minutes is None or t.max_minutes > 0, f"{name}.max_minutes", "> 0 or none", t.max_minutes)
+    _require(t.max_minutes is None or (number(t.max_minutes) and t.max_minutes > 0), f"{name}.max_minutes",
+             "a finite number > 0 or none", t.max_minutes)  # fmt: skip
 
 
 def validate(cfg: Config) -> Config:
@@ -356,8 +371,8 @@ def validate(cfg: Config) -> Config:
              cfg.stage2.background_components)  # fmt: skip
     _require(cfg.stage2.background_clips >= 2, "stage2.background_clips", ">= 2", cfg.stage2.background_clips)
     _require(cfg.stage2.prior_clips >= 0, "stage2.prior_clips", ">= 0", cfg.stage2.prior_clips)
-    _validate_train(cfg.vae_train, "vae_train")
-    _validate_train(cfg.train, "train")
+    validate_train(cfg.vae_train, "vae_train")
+    validate_train(cfg.train, "train")
     return cfg
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import default_collate
 
-from fmrisynth.config import Config, Stage2Config
+from fmrisynth.config import Config, Stage2Config, validate_train
 from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.models.background import PRIOR, GaussianBackground
@@ -30,7 +30,7 @@ from fmrisynth.models.diffusion import Diffusion, design_boxcar
 from fmrisynth.models.presets import build_denoiser
 from fmrisynth.publish import resolve_recorded
 from fmrisynth.run_info import write_run_info
-from fmrisynth.training.loop import Objective, check_train_config, fit
+from fmrisynth.training.loop import Objective, fit
 
 MEASURE_CLIPS = 64  # training clips behind the model's x0 error per timestep (stage2.json "x0_error")
 
@@ -135,7 +135,7 @@ def train_diffusion(cfg: Config, latents: Path, out: Path, resume: bool = False,
     """Train the denoiser of ``cfg.model`` on the train split of a latent store; return the last checkpoint."""
     from fmrisynth.data.dataset import ClipDataset
 
-    check_train_config(cfg.train, "train")
+    validate_train(cfg.train, "train")
     store, out = _latent_store(Path(latents)), Path(out)
     if not resume and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("step_*")):
         raise FmrisynthError("output directory already has checkpoints; pass --resume or choose another --out", out)

@@ -26,8 +26,8 @@ progress; ``is_main()``, ``barrier()`` and ``main_only(fn)`` give callers the sa
 store is encoded by rank 0 while the others wait). The logged loss and logs are means over ranks, so
 an objective's logs must have the same keys on every rank. ``default_device()`` and
 ``autocast(device, amp)`` are the one place for the device and AMP choice (all from
-``fmrisynth.distributed``). ``check_train_config`` refuses impossible settings;
-call it before writing anything a run depends on.
+``fmrisynth.distributed``). ``config.validate_train`` refuses impossible settings (``fit`` calls it
+before writing anything; a stage calls it before its own preparations).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from fmrisynth.config import Config, TrainConfig, save_config, to_dict
+from fmrisynth.config import Config, TrainConfig, save_config, to_dict, validate_train
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.checkpoint import Checkpoint, clean_stale, latest_checkpoint, load_checkpoint, load_state
 from fmrisynth.checkpoint import resume_point, save_checkpoint
@@ -106,31 +106,6 @@ class Objective(nn.Module):
 
 
 # --- config checks --------------------------------------------------------------------------------
-
-
-def check_train_config(cfg: TrainConfig, section: str = "train") -> None:
-    """Refuse impossible training settings in one line, before anything is created."""
-
-    def bad(key: str, want: str) -> FmrisynthError:
-        return FmrisynthError(f"{section}.{key} must be {want}, got {getattr(cfg, key)!r}")
-
-    for key in ("steps", "batch_size", "grad_accum", "log_every", "ckpt_every", "keep_ckpts"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise bad(key, "a positive integer")
-    for key in ("warmup_steps", "num_workers"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 0:
-            raise bad(key, "an integer >= 0")
-    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
-        raise bad("lr", "a finite number > 0")
-    for key in ("weight_decay", "grad_clip"):
-        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
-            raise bad(key, "a finite number >= 0")
-    if not 0 <= cfg.ema_decay < 1:
-        raise bad("ema_decay", "in [0, 1)")
-    if cfg.max_minutes is not None and not (math.isfinite(cfg.max_minutes) and cfg.max_minutes >= 0):
-        raise bad("max_minutes", "a finite number >= 0 or null")
-    if cfg.amp not in ("auto", "bf16", "off"):
-        raise bad("amp", "'auto', 'bf16' or 'off'")
 
 
 def _section_of(cfg: TrainConfig, config: Config | None) -> str:
@@ -275,7 +250,7 @@ def fit(
     cleanly, with a checkpoint.
     """
     cfg, out = train_cfg, Path(out)
-    check_train_config(cfg, _section_of(cfg, config))
+    validate_train(cfg, _section_of(cfg, config))
     if len(dataset) == 0:
         raise FmrisynthError("the training set is empty (no clips in the train split)", out)
     device = init_distributed()

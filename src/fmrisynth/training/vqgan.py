@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from fmrisynth.config import Config
+from fmrisynth.config import Config, validate_train
 from fmrisynth.data.store import require_clip_store
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.models.vqgan_loss import VQGANLoss
-from fmrisynth.training.loop import Objective, check_train_config, fit
+from fmrisynth.training.loop import Objective, fit
 
 
 class VQGANObjective(Objective):
@@ -60,7 +60,7 @@ def train_vae(cfg: Config, store: Path, out: Path, resume: bool = False, progres
     from fmrisynth.data.dataset import ClipDataset
 
     clips = require_clip_store(Path(store))
-    check_train_config(cfg.vae_train, "vae_train")
+    validate_train(cfg.vae_train, "vae_train")
     dataset = ClipDataset(clips, split="train", frames=True)
     dataset.check_finite()  # a NaN clip would otherwise train (and be encoded) silently
     torch.manual_seed(cfg.seed)
