@@ -13,6 +13,7 @@ from fmrisynth.config import Config, EvalConfig
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.run import evaluate
+from fmrisynth.run_info import RUN_INFO, write_run_info
 
 pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
 
@@ -111,7 +112,9 @@ def test_codec_reconstructs_the_reference_through_the_generating_runs_vqgan(tmp_
     store = build_store(tmp_path / "store", rng, {**TEST_SUBJECTS, "s4": "train", "s5": "train"})
     run = tmp_path / "diffusion"
     (run / "checkpoints" / "step_10").mkdir(parents=True)
-    (run / "stage2.json").write_text(json.dumps({"vqgan_checkpoint": str(tmp_path / "vae"), "clip_store": str(store.path)}))
+    write_run_info(run, {"vqgan_checkpoint": tmp_path / "vae", "clip_store": store.path, "latents": tmp_path / "latents",
+                         "latent_shape": [1, 1, 1, 1], "conditions": CONDITIONS, "latent_mean": [0.0], "latent_std": [1.0],
+                         "blocks": {}})
     samples = _good_samples(tmp_path / "samples", rng, n=4)
     for sidecar in samples.rglob("*_bold.json"):
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "checkpoint": str(run / "checkpoints" / "step_10")}))
@@ -122,7 +125,7 @@ def test_codec_reconstructs_the_reference_through_the_generating_runs_vqgan(tmp_
     assert m["codec"]["variance_ratio"] == pytest.approx(m["realism"]["variance_ratio_reference"] / 4, rel=1e-3)
     off = evaluate(f"{store.path}:test", samples, tmp_path / "eval", replace(Config(), eval=EvalConfig(codec=False)))
     assert off["codec"] is None and "no codec reference: eval.codec is off" in off["notes"] and len(loaded) == 1
-    (run / "stage2.json").unlink()
+    (run / RUN_INFO).unlink()
     m = evaluate(f"{store.path}:test", samples, tmp_path / "eval", Config())
     assert m["codec"] is None and any("no codec reference" in n for n in m["notes"])
 

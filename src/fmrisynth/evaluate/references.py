@@ -19,6 +19,7 @@ from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate.clips import ClipSet, open_generated, split_spec
 from fmrisynth.publish import resolve_recorded
+from fmrisynth.run_info import read_run_info
 
 CHUNK = 32  # frames through the VQ-GAN at once
 
@@ -70,11 +71,11 @@ def codec_set(generated: ClipSet, reference: ClipSet, store: ClipStore) -> tuple
     """
     if not generated.checkpoints:
         return None, "the generated clips name no run (no checkpoint in their sidecars)"
-    run_info = Path(generated.checkpoints[0]).parent.parent / "stage2.json"
+    checkpoint = Path(generated.checkpoints[0])
     try:
-        vqgan_checkpoint = resolve_recorded(json.loads(run_info.read_text())["vqgan_checkpoint"], run_info)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return None, f"cannot read the VQ-GAN of the generating run from {run_info} ({e})"
+        vqgan_checkpoint = Path(read_run_info(checkpoint, checkpoint)["vqgan_checkpoint"])
+    except FmrisynthError as e:
+        return None, f"cannot read the VQ-GAN of the generating run ({e})"
     import torch  # only when there is a codec to run
 
     from fmrisynth.generate.codec import load_vqgan
