@@ -38,6 +38,9 @@ def test_store_roundtrip(tmp_path):
     s = ClipStore(tmp_path / "store")
     assert len(s) == 5 and s.conditions == ["a", "b"] and s.item_shape == (3, int(mask.sum()))
     assert np.allclose(s.item(4), items[4], atol=2e-3)  # float16 on disk
+    stored = s.read_item(4)  # the same item by a file read, outside the map
+    assert stored.dtype == np.float16 and stored.shape == s.item_shape and np.array_equal(stored, s.item(4))
+    assert np.array_equal(s.read_item(0), s.item(0))
     clip = s.clip(4)
     assert clip.shape == (3, 4, 5, 6) and np.all(clip[:, ~mask] == 0)
     assert np.allclose(clip[:, mask], items[4], atol=2e-3)

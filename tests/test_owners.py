@@ -15,6 +15,7 @@ PACKAGE = Path(fmrisynth.__file__).parent
 # file name -> the module (relative to the package) that writes and reads it
 OWNERS = {
     "stage2.json": "run_info.py",
+    "data.f16": "data/store.py",
 }
 
 
@@ -52,3 +53,4 @@ def test_the_check_sees_a_literal_path(tmp_path):
     source = tmp_path / "m.py"
     source.write_text('"""data.f16"""\nx = p / "stage2.json"\ny = f"{p}/data.f16"\n')
     assert [t for _, t in strings(source)] == ["stage2.json", "/data.f16"]
+

@@ -208,6 +208,17 @@ class ClipStore:
         """The stored item as float32: (T, V) for clips, (T, c, d, h, w) for latents."""
         return np.asarray(self._data[i], dtype=np.float32)
 
+    def read_item(self, i: int) -> np.ndarray:
+        """Item ``i`` as stored, float16, by a positioned file read instead of the memory map.
+
+        Mapped pages stay resident in this process while the map lives: streaming a whole 2 mm store
+        through ``item`` grows the resident memory to the size of the store (14 GiB for 7 x 100 real
+        + generated clips). A plain read keeps it at what the caller holds.
+        """
+        count = int(np.prod(self.item_shape))
+        x = np.fromfile(self.path / "data.f16", dtype=DTYPE, count=count, offset=int(i) * count * DTYPE.itemsize)
+        return x.reshape(self.item_shape)
+
     def frame(self, i: int, t: int) -> np.ndarray:
         """Frame ``t`` of item ``i`` without reading the rest: (D, H, W) float32 (latents: (c, d, h, w))."""
         x = self._data[i, t]

@@ -17,7 +17,7 @@ from typing import Callable
 
 import numpy as np
 
-from fmrisynth.data.store import DTYPE, ClipStore
+from fmrisynth.data.store import ClipStore
 from fmrisynth.errors import FmrisynthError
 
 LABELS = ["condition", "onset_s", "duration_s", "tr", "subject", "pe", "run"]
@@ -90,15 +90,9 @@ def split_spec(spec: str, default: str | None) -> tuple[Path, str | None]:
 
 
 def read_item(store: ClipStore, i: int) -> np.ndarray:
-    """Item ``i`` of a store as stored, (T, V) float16, by a positioned file read (store.py's layout).
-
-    ``ClipStore.item`` reads through a memory map, and mapped pages stay resident in this process
-    while the map lives: streaming a whole 2 mm store that way grows the resident memory to the
-    size of the store (14 GiB for 7 x 100 real + generated clips). A plain read keeps it at a batch.
-    """
-    count = int(np.prod(store.item_shape))
-    x = np.fromfile(store.path / "data.f16", dtype=DTYPE, count=count, offset=int(i) * count * DTYPE.itemsize)
-    return x.reshape(store.item_shape)
+    """Item ``i`` of a store as stored, (T, V) float16, outside the memory map (``ClipStore.read_item``):
+    streaming a whole store keeps the resident memory at a batch."""
+    return store.read_item(i)
 
 
 def _store_set(store: ClipStore, split: str | None, spec: str) -> ClipSet:
