@@ -54,3 +54,12 @@ def test_the_check_sees_a_literal_path(tmp_path):
     source.write_text('"""data.f16"""\nx = p / "stage2.json"\ny = f"{p}/data.f16"\n')
     assert [t for _, t in strings(source)] == ["stage2.json", "/data.f16"]
 
+
+def test_one_liveness_check():
+    """Whether a writer still runs is asked in one place (``publish.alive``): ``os.kill`` is called there alone."""
+    callers = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Attribute) and node.attr == "kill" and path.name != "publish.py":
+                callers.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}")
+    assert not callers, callers

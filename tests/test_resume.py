@@ -9,6 +9,7 @@ generator (``self.randint / randn / rand``), plus dropout from torch's global RN
 import json
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ from fmrisynth.cli import main
 from fmrisynth.config import Config, TrainConfig, VQGANConfig
 from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import HOST
 from fmrisynth.training.loop import Objective, fit
 from fmrisynth.training.vqgan import VQGANObjective, train_vae
 
@@ -171,17 +173,23 @@ def test_resume_refuses_another_batch_size_seed_or_model(tmp_path):
     assert rows(out) == before  # nothing touched
 
 
-def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_toy(out, steps=10)
     root = out / "checkpoints"
     host = socket.gethostname()
     dead, legacy, alive = (root / f".tmp_step_000011-{host}-{2**22 + 12345}", root / ".tmp_step_000012",
-                           root / f".tmp_step_000013-{host}-{os.getpid()}")  # fmt: skip
-    for d in (dead, legacy, alive):
+                           root / f".tmp_step_000013-{host}-{os.getpid()}")  # fmt: skip  (older versions' names)
+    now_dead, now_alive = (root / f".step_000014.tmp-{HOST}-{2**22 + 12345}", root / f".step_000015.tmp-{HOST}-{os.getpid()}")
+    for d in (dead, legacy, alive, now_dead, now_alive):
         d.mkdir()
-    train_toy(out, resume=True, steps=20)
+    staged_in, save = [], torch.save  # where checkpoints are staged: publish's temp_path
+    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: staged_in.append(Path(f).parent.name) or save(obj, f, *a, **k))
+    with pytest.warns(UserWarning, match="removed the temporary output of process"):
+        train_toy(out, resume=True, steps=20)
     assert not dead.exists() and not legacy.exists() and alive.exists()
+    assert not now_dead.exists() and now_alive.exists()  # the scheme of fmrisynth.publish
+    assert f".step_000020.tmp-{HOST}-{os.getpid()}" in staged_in
 
 
 @pytest.mark.parametrize("key, value, message", [

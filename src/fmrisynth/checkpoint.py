@@ -9,10 +9,11 @@ Layout of one checkpoint::
                           sha256 of each file above
     config.yaml           the resolved Config of the run
 
-A checkpoint is written under ``.tmp_step_NNNNNN-<host>-<pid>`` and renamed, so readers never see a
-half-written one; a temporary folder whose process is dead is removed by the next run. The sha256
-is there because a flipped bit inside a tensor leaves the safetensors header valid: without it such
-a file loads silently and sampling writes NaN clips. ``load_checkpoint`` refuses a changed file;
+A checkpoint is written under ``.step_NNNNNN.tmp-<host>-<pid>`` (``fmrisynth.publish``) and renamed, so
+readers never see a half-written one; a temporary folder whose process is dead is removed by the next
+run (``.tmp_step_*`` of older versions too). The sha256 is there because a flipped bit inside a
+tensor leaves the safetensors header valid: without it such a file loads silently and sampling
+writes NaN clips. ``load_checkpoint`` refuses a changed file;
 ``resume_point`` skips a damaged checkpoint (with a warning) for the newest intact one.
 """
 
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import shutil
 import socket
@@ -33,6 +33,7 @@ from torch import nn
 
 from fmrisynth.config import Config, load_config, save_config
 from fmrisynth.errors import FmrisynthError
+from fmrisynth.publish import alive, remove_stale, temp_path
 
 WEIGHTS, EMA, STATE, META = "weights.safetensors", "ema.safetensors", "state.pt", "meta.json"
 
@@ -137,23 +138,16 @@ def resume_point(run: Path) -> tuple[Checkpoint, dict] | None:
     return None
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_stale(run: Path) -> None:
-    """Remove temporary checkpoint folders left by dead processes of this host (and unlabelled ones)."""
+    """Remove temporary checkpoint folders left by dead processes of this host (``fmrisynth.publish``),
+    and those of older versions (``.tmp_step_NNNNNN-<host>-<pid>``, or unlabelled) the same way."""
+    root = run / "checkpoints"
+    remove_stale(root)
     host = socket.gethostname()
-    for tmp in (run / "checkpoints").glob(".tmp_step_*"):
+    for tmp in root.glob(".tmp_step_*"):
         _, _, rest = tmp.name.partition("-")
         owner, _, pid = rest.rpartition("-")
-        if not pid.isdigit() or (owner == host and not _alive(int(pid))):
+        if not pid.isdigit() or (owner == host and not alive(int(pid))):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
@@ -164,7 +158,7 @@ def save_checkpoint(run: Path, step: int, objective: nn.Module, ema: nn.Module |
 
     root = run / "checkpoints"
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp_step_{step:06d}-{socket.gethostname()}-{os.getpid()}"
+    tmp = temp_path(final)  # .step_NNNNNN.tmp-<host>-<pid>
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:

@@ -37,7 +37,8 @@ def temp_path(target: str | Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{HOST}-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` of this host still runs (another user's, or one we cannot tell: yes)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -62,7 +63,7 @@ def remove_stale(folder: str | Path) -> list[Path]:
         if not m:
             continue
         pid = int(m["pid"] or m["bids_pid"])
-        if m["host"] not in (None, HOST) or pid == os.getpid() or _alive(pid):
+        if m["host"] not in (None, HOST) or pid == os.getpid() or alive(pid):
             continue
         try:
             shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
