@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmrisynth.data.design import DesignEvent
+from fmrisynth.data.design import Event
 from fmrisynth.data.store import ClipStore
 from fmrisynth.evaluate.run import evaluate
 from fmrisynth.generate.bids import DatasetWriter, condition_task
@@ -62,7 +62,7 @@ def main() -> None:
                               rng.standard_normal(1))[0]  # fmt: skip  # (T, V): its own subject's codec residual
             sidecar = {"condition": row["condition"], "onset_s": float(row["onset_s"]), "duration_s": float(row["duration_s"]),
                        "tr": float(row["tr"]), "seed": args.seed, "oracle_of": int(i)}  # fmt: skip
-            design = [DesignEvent(row["condition"], float(row["onset_s"]), float(row["duration_s"]))]
+            design = [Event(row["condition"], float(row["onset_s"]), float(row["duration_s"]))]
             writer.add(subject, task, clip, float(row["tr"]), design, sidecar)
     cfg = gen.config
     cfg = replace(cfg, eval=replace(cfg.eval, codec=False))

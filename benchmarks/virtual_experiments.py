@@ -50,12 +50,12 @@ import numpy as np
 from fmrisynth.config import load_config
 from fmrisynth.data.hcp import find_runs
 from fmrisynth.data.run_events import FILE, RunEvent
-from fmrisynth.data.design import DesignEvent, design_tsv
+from fmrisynth.data.design import Event, design_tsv
 from fmrisynth.data.sim_events import simulate_design
 from fmrisynth.data.store import ClipStore
 from fmrisynth.generate import codec
 from fmrisynth.generate.sample import find_run, load_generator, sample_runs
-from fmrisynth.models.response import Event, ResponseModel
+from fmrisynth.models.response import ResponseModel
 from fmrisynth.tasks import HCP_TR, PARADIGMS, design_regressors
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,19 +67,19 @@ README_ARGS = dict(space_label="", derivatives_folder=".", signal_scaling=False)
 # --- designs ------------------------------------------------------------------------------------
 
 
-def make_designs(seed: int, run_s: float) -> dict[str, tuple[str, list[DesignEvent]]]:
+def make_designs(seed: int, run_s: float) -> dict[str, tuple[str, list[Event]]]:
     """name -> (seen|unseen, events) on the hcp7 conditions of the demo."""
     rng = np.random.default_rng(seed)
     motor = PARADIGMS["MOTOR"].schedule(rng)["rh"]
-    designs = {"motor_run": ("seen", [DesignEvent("MOTOR:rh", o, d) for o, d in motor])}
+    designs = {"motor_run": ("seen", [Event("MOTOR:rh", o, d) for o, d in motor])}
 
-    def sequence(items: list[tuple[str, float]], gap: tuple[float, float], start: float) -> list[DesignEvent]:
+    def sequence(items: list[tuple[str, float]], gap: tuple[float, float], start: float) -> list[Event]:
         order, out, t = rng.permutation(len(items)), [], start
         for k in order:
             condition, duration = items[k]
             if t + duration > run_s - 16:  # leave the HRF room to return before the run ends
                 break
-            out.append(DesignEvent(condition, round(t, 2), duration))
+            out.append(Event(condition, round(t, 2), duration))
             t += duration + rng.uniform(*gap)
         return sorted(out)
 
@@ -113,7 +113,7 @@ def use_response(demo: Path, path: Path | None, fit: bool) -> ResponseModel | No
     return model
 
 
-def response_runs(model: ResponseModel, design: list[DesignEvent], events_file: Path, cfg, out: Path, task: str,
+def response_runs(model: ResponseModel, design: list[Event], events_file: Path, cfg, out: Path, task: str,
                   mask: np.ndarray, seed: int) -> None:  # fmt: skip
     """``--background simulated``: the design's runs as simulated background of new people, z-scored per
     voxel as prepare does, plus the response model's prediction through a freshly drawn subject."""
@@ -122,7 +122,7 @@ def response_runs(model: ResponseModel, design: list[DesignEvent], events_file: 
     quiet = replace(cfg, sim=replace(cfg.sim, task_amplitude=0.0))
     simulate_design(quiet, out, events_file, HCP_TR, FRAMES, task, first_subject=40, progress=False)
     rng = np.random.default_rng(seed)
-    events = [Event(e.condition, e.onset_s, e.duration_s, e.modulation) for e in design]
+    events = list(design)
     for bold in sorted(out.glob("sub-*/func/*_bold.nii.gz")):
         img = nib.load(bold)
         data = np.asarray(img.dataobj, dtype=np.float32)  # (X, Y, Z, T)
@@ -214,7 +214,7 @@ def real_group_maps(demo: Path, mask_img: str, conditions: list[str]) -> tuple[d
     return maps, lags
 
 
-def analyse(zs: list[dict], runs: list, design: list[DesignEvent], real: dict, response: dict, tr: float) -> dict:
+def analyse(zs: list[dict], runs: list, design: list[Event], real: dict, response: dict, tr: float) -> dict:
     """Per condition: map r with the real and response maps, top-1, ROI course vs HRF; run autocorrelation."""
     present = list(dict.fromkeys(e.condition for e in design))
     out = {}

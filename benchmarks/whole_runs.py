@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from fmrisynth.config import load_config, packaged_config
-from fmrisynth.data.design import DesignEvent, design_tsv
+from fmrisynth.data.design import Event, design_tsv
 from fmrisynth.data.sim_events import simulate_design
 from fmrisynth.evaluate.runs import compare_folders
 from fmrisynth.generate.sample import sample_runs
@@ -51,7 +51,7 @@ def main() -> None:
     args.out.mkdir(parents=True)
     schedule = PARADIGMS["MOTOR"].schedule(np.random.default_rng(args.seed))["rh"]
     events = args.out / "motor.tsv"
-    events.write_text(design_tsv([DesignEvent("MOTOR:rh", o, d) for o, d in schedule]))
+    events.write_text(design_tsv([Event("MOTOR:rh", o, d) for o, d in schedule]))
     cfg = load_config(packaged_config("demo"))
     cfg = replace(cfg, sim=replace(cfg.sim, subjects=args.subjects, runs=("LR",)))
     t0 = time.perf_counter()

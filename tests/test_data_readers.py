@@ -5,6 +5,7 @@ The datasets are tiny synthetic trees (4x4x4 voxels at 10 mm, a few dozen frames
 """
 
 import json
+import re
 import warnings
 
 import nibabel as nib
@@ -318,3 +319,28 @@ def test_a_header_nibabel_repairs_is_one_warning_not_log_lines(tmp_path, rng, ca
     assert main(["prepare", "--source", "hcp", str(root), "--out", str(tmp_path / "s"), "--grid", GRID, "--quiet"]) == 0
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"fmrisynth prepare: warning: {path}: header repaired on reading (sizeof_hdr should be 348; set sizeof_hdr to 348)"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("onset\tduration\ttrial_type\n2\t6\tface\n4\tsoon\thouse\n", "line 3: onset and duration must be numbers"),
+    ("onset\ttrial_type\n1\tface\n", "events file lacks column(s) duration"),
+    (b"\xff\xfe\x00onset", "not a readable events.tsv"),
+])  # fmt: skip
+def test_bids_events_and_designs_are_read_by_one_reader(tmp_path, text, message):
+    """A dataset's events.tsv (``prepare``) and a design (``sample``/``simulate --events``) come through
+    ``data.design.read_events_tsv``: the same rows, the same refusals."""
+    from fmrisynth.data.bids import read_events
+    from fmrisynth.data.design import Event, read_design, read_events_tsv
+
+    good = tmp_path / "good_events.tsv"
+    good.write_text("onset\tduration\ttrial_type\tmodulation\n14\t6\thouse\tn/a\n2\t6\tface\t2\n30\t2\tn/a\t1\n")
+    assert read_events_tsv(good) == [(2, Event("house", 14.0, 6.0)), (3, Event("face", 2.0, 6.0, 2.0))]
+    assert read_events(good, "look") == {"look:house": [(14.0, 6.0)], "look:face": [(2.0, 6.0)]}
+    assert read_design(good, ["look:face", "look:house"], 1.0, 40, task="look") == [
+        Event("look:face", 2.0, 6.0, 2.0), Event("look:house", 14.0, 6.0)]
+    bad = tmp_path / "bad_events.tsv"
+    bad.write_bytes(text) if isinstance(text, bytes) else bad.write_text(text)
+    with pytest.raises(FmrisynthError, match=re.escape(message)):
+        read_events(bad, "look")
+    with pytest.raises(FmrisynthError, match=re.escape(message.replace("onset and duration", "onset, duration and modulation"))):
+        read_design(bad, ["look:face", "look:house"], 1.0, 40, task="look")

@@ -56,7 +56,7 @@ def test_a_glm_on_the_models_own_prediction_recovers_its_maps():
     rng = np.random.default_rng(0)
     mean = rng.normal(size=(2, K, 50)).astype(np.float32)
     model = ResponseModel(CONDITIONS, mean, np.zeros((0, 2, K, 50), np.float32), {}, np.ones(50, np.float32))
-    events = [Event("a", 2.0, 10.0), Event("b", 30.0, 12.0, amplitude=0.5), Event("a", 60.0, 10.0)]
+    events = [Event("a", 2.0, 10.0), Event("b", 30.0, 12.0, modulation=0.5), Event("a", 60.0, 10.0)]
     y = model.predict(events, TR, 140)  # (T, V): a whole run, two conditions, one modulated
     xa = design_regressors([2.0, 60.0], [10.0, 10.0], 140, TR, HRF_BASIS)
     xb = design_regressors([30.0], [12.0], 140, TR, HRF_BASIS, [0.5])
@@ -141,7 +141,7 @@ def test_draw_gains_varies_events_only_when_trials_vary():
     assert model.draw_gains(events, rng) == events  # and draws nothing:
     assert rng.standard_normal() == np.random.default_rng(8).standard_normal()
     model.trial_sd = np.array([0.25, 0.0], np.float32)
-    gains = np.array([e.amplitude for e in model.draw_gains(events, rng)]) / 2.0
+    gains = np.array([e.modulation for e in model.draw_gains(events, rng)]) / 2.0
     assert gains.mean() == pytest.approx(1.0, abs=0.05) and gains.std() == pytest.approx(0.25, abs=0.03)
     assert model.draw_gains([Event("b", 0.0, 4.0)], rng) == [Event("b", 0.0, 4.0)]
 

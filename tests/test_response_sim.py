@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from fmrisynth.config import load_config
-from fmrisynth.data.design import DesignEvent, design_tsv
+from fmrisynth.data.design import Event, design_tsv
 from fmrisynth.data.prepare import prepare
 from fmrisynth.data.run_events import read_run_events
 from fmrisynth.data.sim_anatomy import SimGrid
 from fmrisynth.data.sim_events import simulate_design
 from fmrisynth.data.simulator import _Subject
 from fmrisynth.data.store import ClipStore
-from fmrisynth.models.response import Event, ResponseModel
+from fmrisynth.models.response import ResponseModel
 
 pytestmark = pytest.mark.slow
 SUBJECTS, FRAMES, TR = 4, 400, 0.72
@@ -26,7 +26,7 @@ def fitted(root, trial_sd: float):
     """4 simulated subjects x LR, RL of 12 s MOTOR:rh and WM:2bk_faces blocks, 4x the task, prepared and fitted."""
     rng, t, design = np.random.default_rng(0), 4.0, []
     while t + 30 < FRAMES * TR:
-        design.append(DesignEvent(["MOTOR:rh", "WM:2bk_faces"][len(design) % 2], round(t, 2), 12.0))
+        design.append(Event(["MOTOR:rh", "WM:2bk_faces"][len(design) % 2], round(t, 2), 12.0))
         t += 12.0 + rng.uniform(6.0, 10.0)
     (root / "design.tsv").write_text(design_tsv(design))
     cfg = load_config(None, [f"sim.subjects={SUBJECTS}", f"sim.trial_sd={trial_sd}", "sim.task_amplitude=12",

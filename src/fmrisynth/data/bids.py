@@ -14,6 +14,7 @@ import re
 import warnings
 from pathlib import Path
 
+from fmrisynth.data.design import read_events_tsv
 from fmrisynth.data.nifti import Events, Run, check_events, check_tr, open_image, why
 from fmrisynth.errors import FmrisynthError
 
@@ -44,25 +45,11 @@ def inherited(bold: Path, root: Path, suffix: str, ext: str) -> list[Path]:
 
 
 def read_events(path: Path, task: str) -> Events:
-    """A BIDS events.tsv -> {"<task>:<trial_type>": [(onset_s, duration_s)]}; 'n/a' trial types are skipped."""
-    import pandas as pd
-
-    try:
-        table = pd.read_csv(path, sep="\t", na_values=["n/a"], keep_default_na=False, dtype=str)
-    except (OSError, ValueError) as e:  # ValueError: also pandas' ParserError, EmptyDataError, UnicodeDecodeError
-        raise FmrisynthError(f"unreadable events file ({why(e)})", path) from None
-    missing = {"onset", "duration", "trial_type"} - set(table.columns)
-    if missing:
-        raise FmrisynthError(f"events file lacks column(s) {', '.join(sorted(missing))}", path)
+    """A BIDS events.tsv -> {"<task>:<trial_type>": [(onset_s, duration_s)]}; 'n/a' trial types are skipped
+    (read by ``data.design.read_events_tsv``, the format's one reader; modulation is not used here)."""
     events: Events = {}
-    for onset, duration, trial_type in zip(table["onset"], table["duration"], table["trial_type"]):
-        if pd.isna(trial_type):
-            continue
-        try:
-            item = (float(onset), float(duration))
-        except (TypeError, ValueError):
-            raise FmrisynthError(f"onset {onset!r} / duration {duration!r} is not a number", path) from None
-        events.setdefault(f"{task}:{trial_type}", []).append(item)
+    for _, e in read_events_tsv(path, modulation=False):
+        events.setdefault(f"{task}:{e.condition}", []).append((e.onset_s, e.duration_s))
     return events
 
 

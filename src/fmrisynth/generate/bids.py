@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from fmrisynth import __version__
-from fmrisynth.data.design import DesignEvent, design_tsv
+from fmrisynth.data.design import Event, design_tsv
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.publish import record_path, remove_stale, resolve_recorded, staged
 
@@ -123,7 +123,7 @@ class DatasetWriter:
     def __exit__(self, kind, value, traceback) -> None:
         self._stack.__exit__(kind, value, traceback)  # publishes the dataset, or deletes it after an error
 
-    def add(self, subject: str, task: str, run: np.ndarray, tr: float, events: list[DesignEvent], sidecar: dict) -> Path:
+    def add(self, subject: str, task: str, run: np.ndarray, tr: float, events: list[Event], sidecar: dict) -> Path:
         """One run (T, V) of in-mask voxels, its design and its sidecar extras; returns its final path."""
         import nibabel as nib
 

@@ -40,7 +40,7 @@ import torch
 
 from fmrisynth.checkpoint import latest_checkpoint, load_checkpoint
 from fmrisynth.config import Config
-from fmrisynth.data.design import DesignEvent, default_task, read_design
+from fmrisynth.data.design import Event, default_task, read_design
 from fmrisynth.data.store import ClipStore
 from fmrisynth.distributed import autocast, default_device
 from fmrisynth.errors import FmrisynthError
@@ -48,7 +48,6 @@ from fmrisynth.generate import bids, codec
 from fmrisynth.models.background import GaussianBackground
 from fmrisynth.models.diffusion import Diffusion, design_boxcar
 from fmrisynth.models.presets import build_denoiser
-from fmrisynth.models.response import Event
 from fmrisynth.models.vqgan import VQGAN
 from fmrisynth.run_info import RUN_INFO, read_run_info
 
@@ -319,7 +318,7 @@ def sample(
                 sidecar = {"mode": "clip", "generator": gen.kind, "condition": condition, "onset_s": onset,
                            "duration_s": duration, "tr": tr, "seed": seed, "index": i, "clip_seed": seeds[i],
                            "guidance": guidance, "sampler": sampler, "steps": steps}  # fmt: skip
-                written.append(writer.add(subjects[i], task, clip, tr, [DesignEvent(condition, onset, duration)], sidecar))
+                written.append(writer.add(subjects[i], task, clip, tr, [Event(condition, onset, duration)], sidecar))
     return written
 
 
@@ -357,7 +356,6 @@ def sample_runs(
     gen.check_runs(frames)
     design = read_design(events_file, gen.conditions, tr, frames, task)
     _, steps, sampler = _settings(gen, None, steps, sampler)
-    events = [Event(*e) for e in design]
     names = bids.subject_labels(subjects)
     settings = {"kind": gen.kind, "steps": steps, "sampler": sampler, "guidance": 1.0, "frames": frames,
                 "background": "null condition" if gen.kind == "ours" else "gaussian", "response": "hrf",
@@ -365,7 +363,7 @@ def sample_runs(
     written = []
     with bids.DatasetWriter(out, [(s, task) for s in names], gen.affine, gen.mask, gen.source) as writer:
         for k, name in enumerate(tqdm(names, desc="sample", unit="run", disable=not progress)):
-            run = gen.run(events, tr, frames, clip_seed(seed, k), steps, sampler)  # (T, V)
+            run = gen.run(design, tr, frames, clip_seed(seed, k), steps, sampler)  # (T, V)
             sidecar = {"mode": "events", "seed": seed, "subject_index": k, "subject_seed": clip_seed(seed, k),
                        "generator": settings}  # fmt: skip
             written.append(writer.add(name, task, run, tr, design, sidecar))

@@ -40,12 +40,13 @@ events), learning across a run, responses of conditions it never saw.
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from fmrisynth.data.design import Event  # the one record of an event (a design's, a clip's context)
 from fmrisynth.data.run_events import RunEvent, read_run_events, run_key
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HRF_BASIS, design_regressors
@@ -53,16 +54,6 @@ from fmrisynth.tasks import HRF_BASIS, design_regressors
 K = 3  # basis functions per condition
 LEAD_S = 32.0  # the HRF basis lasts about 30 s: an event that ended this long before a clip still shows in it
 HIGH_PASS_HZ = 0.01  # nilearn's default cosine drift: the slow drift a user's first-level GLM removes
-
-
-@dataclass
-class Event:
-    """One block or event of a design: onsets and durations in seconds, an amplitude (modulation)."""
-
-    condition: str
-    onset_s: float
-    duration_s: float
-    amplitude: float = 1.0
 
 
 @dataclass
@@ -95,7 +86,7 @@ class ResponseModel:
         return rng.standard_normal((n, len(self.components)))
 
     def draw_gains(self, events: list[Event], rng: np.random.Generator) -> list[Event]:
-        """``events`` with their amplitudes times a gain ``1 + trial_sd[c] * N(0, 1)`` each (at least 0).
+        """``events`` with their modulations times a gain ``1 + trial_sd[c] * N(0, 1)`` each (at least 0).
 
         A model without trial variability (all ``trial_sd`` 0, as every model fitted before it was
         estimated) returns the events unchanged and draws nothing from ``rng``.
@@ -104,7 +95,7 @@ class ResponseModel:
         if not any(sd.get(e.condition, 0.0) > 0 for e in events):
             return list(events)
         z = rng.standard_normal(len(events))
-        return [replace(e, amplitude=e.amplitude * max(0.0, 1.0 + sd.get(e.condition, 0.0) * z[k]))
+        return [e._replace(modulation=e.modulation * max(0.0, 1.0 + sd.get(e.condition, 0.0) * z[k]))
                 for k, e in enumerate(events)]  # fmt: skip
 
     def predict(self, events: list[Event], tr: float, frames: int, maps: np.ndarray | None = None) -> np.ndarray:
@@ -123,7 +114,7 @@ class ResponseModel:
         for name in dict.fromkeys(e.condition for e in events):
             mine = [e for e in events if e.condition == name]
             x = design_regressors([e.onset_s + lead * tr for e in mine], [e.duration_s for e in mine], lead + frames,
-                                  tr, HRF_BASIS, [e.amplitude for e in mine])  # fmt: skip  # (T, K)
+                                  tr, HRF_BASIS, [e.modulation for e in mine])  # fmt: skip  # (T, K)
             out += (x @ known[name]).astype(np.float32)  # (T, K) @ (K, V) -> (T, V)
         return out[lead:]
 
