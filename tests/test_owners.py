@@ -16,6 +16,8 @@ PACKAGE = Path(fmrisynth.__file__).parent
 OWNERS = {
     "stage2.json": "run_info.py",
     "data.f16": "data/store.py",
+    "MNINonLinear": "data/hcp.py",  # the HCP layout: run folders and their EVs/ files
+    "EVs": "data/hcp.py",
 }
 
 

@@ -125,7 +125,7 @@ def test_failure_leaves_nothing_behind(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(simulator, "_write_evs", broken)
+    monkeypatch.setattr(simulator, "write_evs", broken)  # hcp.write_evs, as the simulator calls it
     with pytest.raises(OSError):
         simulate(_cfg(), tmp_path / "out", progress=False)
     assert list(tmp_path.iterdir()) == []

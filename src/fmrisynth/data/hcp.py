@@ -6,8 +6,9 @@
                                                             /EVs/<ev>.txt   onset duration amplitude
 
 A condition is ``<TASK>:<ev>`` (``MOTOR:rh``), as in ``tasks.py``. The TR is HCP's 0.72 s: the
-protocol fixes it, and a header that disagrees only earns a warning. ``write_run`` is the other
-direction, so that the layout is spelled out in one place (synthetic datasets, tests, benchmarks).
+protocol fixes it, and a header that disagrees only earns a warning. ``write_run`` (``run_folder``,
+``run_image``, ``write_evs``) is the other direction, so that the layout is spelled out in one place
+(the simulator, synthetic datasets, tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -43,16 +44,32 @@ def read_ev(path: Path) -> list[tuple[float, float]]:
     return [(float(o), float(d)) for o, d, a in table if (o, d, a) != (0.0, 0.0, 0.0)]
 
 
+def run_folder(root: Path, subject: str, task: str, pe: str) -> Path:
+    """The folder of one run: ``<root>/<subject>/MNINonLinear/Results/tfMRI_<TASK>_<PE>``."""
+    return Path(root) / subject / "MNINonLinear" / "Results" / f"tfMRI_{task}_{pe}"
+
+
+def run_image(folder: Path) -> Path:
+    """The 4D image of the run in ``folder`` (``run_folder``): ``tfMRI_<TASK>_<PE>.nii.gz``."""
+    return Path(folder) / f"{Path(folder).name}.nii.gz"
+
+
+def write_evs(folder: Path, events: Events) -> None:
+    """The EV files of the run in ``folder``: ``EVs/<ev>.txt`` per EV, headerless rows
+    ``onset<TAB>duration<TAB>1`` in seconds (three decimals)."""
+    (Path(folder) / "EVs").mkdir(parents=True, exist_ok=True)
+    for ev, items in events.items():
+        (Path(folder) / "EVs" / f"{ev}.txt").write_text("".join(f"{o:.3f}\t{d:.3f}\t1\n" for o, d in items))
+
+
 def write_run(root: Path, subject: str, task: str, pe: str, data: np.ndarray, affine: np.ndarray, events: Events) -> Path:
     """Write one run in the HCP layout: data (X, Y, Z, T) with TR 0.72 s, and events keyed by EV name."""
-    folder = Path(root) / subject / "MNINonLinear" / "Results" / f"tfMRI_{task}_{pe}"
-    (folder / "EVs").mkdir(parents=True, exist_ok=True)
+    folder = run_folder(root, subject, task, pe)
+    write_evs(folder, events)
     img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine)
     img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms(img.header.get_zooms()[:3] + (HCP_TR,))
-    nib.save(img, folder / f"{folder.name}.nii.gz")
-    for ev, items in events.items():
-        np.savetxt(folder / "EVs" / f"{ev}.txt", [(o, d, 1.0) for o, d in items], fmt="%g", delimiter="\t")
+    nib.save(img, run_image(folder))
     return folder
 
 
@@ -66,7 +83,7 @@ def find_runs(root: Path) -> list[Run]:
         m = RUN_DIR.fullmatch(folder.name)
         if not m or not folder.is_dir():
             continue
-        path = folder / f"{folder.name}.nii.gz"
+        path = run_image(folder)
         img = open_image(path)
         tr = check_tr(HCP_TR, img, path, "HCP protocol")
         events: Events = {}

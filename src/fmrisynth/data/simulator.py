@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from fmrisynth.config import Config, SimConfig, save_config
+from fmrisynth.data.hcp import run_folder, run_image, write_evs
 from fmrisynth.data.sim_anatomy import SimGrid, load_asset, paint, smooth_field, warp_matrix
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HCP24, HCP_TR, PARADIGMS, Paradigm
@@ -113,12 +114,11 @@ def _write_run(subject: _Subject, p: Paradigm, pe: str, seed: int, root: Path) -
     The schedule is seeded by (seed, paradigm, phase encoding) only: every subject sees the same design.
     """
     events = p.schedule(np.random.default_rng([seed, 0, _index(p), _pe_index(pe)]))
-    run = f"tfMRI_{p.name}_{pe}"
-    folder = root / "MNINonLinear" / "Results" / run
+    folder = run_folder(root.parent, root.name, p.name, pe)
     volume, design = subject.run(p, pe, events)  # (N, T) int16
-    _write_evs(folder / "EVs", events)
-    design.to_csv(root / "truth" / f"design_{run}.tsv", sep="\t", index=False, float_format="%.6g")
-    return volume, folder / f"{run}.nii.gz"
+    write_evs(folder, events)
+    design.to_csv(root / "truth" / f"design_{folder.name}.tsv", sep="\t", index=False, float_format="%.6g")
+    return volume, run_image(folder)
 
 
 @contextmanager
@@ -326,10 +326,3 @@ def _save(sim: SimGrid, columns: np.ndarray, path: Path, tr: float | None = None
         img.header.set_zooms((sim.voxel_mm,) * 3 + (tr,))
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(img, path)
-
-
-def _write_evs(folder: Path, events: dict[str, list[tuple[float, float]]]) -> None:
-    """HCP EV files: one ``<ev>.txt`` per EV, headerless rows ``onset<TAB>duration<TAB>1``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for ev, blocks in events.items():
-        (folder / f"{ev}.txt").write_text("".join(f"{o:.3f}\t{d:.3f}\t1\n" for o, d in blocks))
