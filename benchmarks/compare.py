@@ -40,7 +40,7 @@ from pathlib import Path
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
 from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
-from fmrisynth.pipeline import _stage, final_loss, prepare_latents, sample_and_evaluate
+from fmrisynth.pipeline import final_loss, prepare_latents, sample_and_evaluate, stage
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
@@ -140,8 +140,8 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
     run = out / name
     train, results = run / "diffusion", run / "results"
     info = describe(cfg.model, latents)
-    _stage(f"train {name}", train, fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
-    _stage(f"sample+evaluate {name}", results, fresh, lambda d: sample_and_evaluate(cfg, train, store, d, log), log)
+    stage(f"train {name}", train, fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
+    stage(f"sample+evaluate {name}", results, fresh, lambda d: sample_and_evaluate(cfg, train, store, d, log), log)
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
     return {
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
@@ -162,7 +162,7 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
 def gaussian_row(cfg: Config, first: Path, store: Path, out: Path, fresh: bool, log) -> dict:
     """The Gaussian background model that the first arm's run fitted, sampled and evaluated like an arm."""
     results = out / "gaussian"
-    _stage("sample+evaluate gaussian", results, fresh,
+    stage("sample+evaluate gaussian", results, fresh,
            lambda d: sample_and_evaluate(cfg, first, store, d, log, kind="gaussian"), log)  # fmt: skip
     metrics = json.loads((results / "eval" / "metrics.json").read_text())
     return {"arm": "gaussian", "backbone": None, "params": 0, "steps": 0, "response": cfg.stage2.response,
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         arm = profile.arms[a]
         arm_cfg = replace(cfg, model=arm.model, stage2=replace(cfg.stage2, response=arm.response))
         if arm.response not in latents:  # the same clips and VQ-GAN, encoded whole
-            latents[arm.response] = _stage(f"encode ({arm.response})", out / f"latents-{arm.response}", args.fresh,
+            latents[arm.response] = stage(f"encode ({arm.response})", out / f"latents-{arm.response}", args.fresh,
                                            lambda d: encode_and_fit(data / "vae", data / "store", d, arm_cfg.stage2,
                                                                     cfg.seed, splits=("train",)), print)  # fmt: skip
         rows.append(run_arm(arm_cfg, a, latents[arm.response], data / "store", out, args.fresh, print))

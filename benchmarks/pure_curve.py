@@ -30,7 +30,7 @@ from pathlib import Path
 from fmrisynth.config import load_config, packaged_config, to_dict
 from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
-from fmrisynth.pipeline import _stage, final_loss, sample_and_evaluate
+from fmrisynth.pipeline import final_loss, sample_and_evaluate, stage
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pure_curve.json"
 COLUMNS = ["steps", "loss_vs_gaussian", "map_corr_mean", "rsa", "top1_map", "top1_clip", "c2st_accuracy",
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = ["stage2.response=none", f"model.preset={args.preset}", f"diffusion.guidance={args.guidance}", *args.set]
     cfg = load_config(None, overrides, base=packaged_config("demo"))
     store, run = args.data / "store", args.out / "diffusion"
-    latents = _stage("encode (none)", args.out / "latents", False,
+    latents = stage("encode (none)", args.out / "latents", False,
                      lambda d: encode_and_fit(args.data / "vae", store, d, cfg.stage2, cfg.seed, splits=("train",)),
                      print)  # fmt: skip
 
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
         if later and not (results / ".done").exists():  # its evaluation would sample a later model
             parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
         train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
-        _stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
+        stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
         metrics = json.loads((results / "eval" / "metrics.json").read_text())
         rows.append({"steps": n, **final_loss(run, upto=n), **result_row(metrics),
                      "reference": {k: metrics["reference"].get(k) for k in ("map_corr_mean", "rsa", "top1_map", "top1_clip")}})

@@ -65,3 +65,15 @@ def test_one_liveness_check():
             if isinstance(node, ast.Attribute) and node.attr == "kill" and path.name != "publish.py":
                 callers.append(f"{path.relative_to(PACKAGE).as_posix()}:{node.lineno}")
     assert not callers, callers
+
+
+def test_benchmarks_use_public_names_only():
+    """A benchmark (benchmarks/*.py) imports what the package offers, no ``_private`` name: what other
+    code calls is public, so that renaming a private helper cannot break a script no test runs."""
+    private, scripts = [], sorted((PACKAGE.parents[1] / "benchmarks").glob("*.py"))
+    assert any(p.name == "compare.py" for p in scripts)  # run from the source tree
+    for path in scripts:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fmrisynth":
+                private += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private

@@ -37,7 +37,7 @@ def final_loss(run: Path, share: float = 0.1, upto: int | None = None) -> dict:
     return {"steps": tail[-1]["step"], "loss": loss, "ref_loss_gaussian": ref, "loss_vs_gaussian": loss / ref if ref else None}
 
 
-def _stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log: Callable[[str], None]) -> Path:
+def stage(name: str, out: Path, fresh: bool, run: Callable[[Path], object], log: Callable[[str], None]) -> Path:
     """Run ``run(out)`` unless a previous run finished it; mark it done on success."""
     marker = out / ".done"
     if marker.exists() and not fresh:
@@ -94,9 +94,9 @@ def prepare_latents(cfg: Config, out: Path, fresh: bool = False, log: Callable[[
     def vae_into(d: Path) -> None:  # the held-out clips' latents: nothing downstream reads them
         train_codec(cfg, out / "store", d, resume=True, splits=("train",))
 
-    _stage("simulate", out / "sim", fresh, simulate_into, log)
-    _stage("prepare", out / "store", fresh, prepare_into, log)
-    _stage("train-vae", out / "vae", fresh, vae_into, log)
+    stage("simulate", out / "sim", fresh, simulate_into, log)
+    stage("prepare", out / "store", fresh, prepare_into, log)
+    stage("train-vae", out / "vae", fresh, vae_into, log)
     return out / "vae" / "latents"
 
 
@@ -146,7 +146,7 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
     latents = prepare_latents(cfg, out, fresh, log)
     left = max(1.0, (1 - RESERVE_SHARE) * minutes - (time.perf_counter() - t0) / 60)
     cfg = replace(cfg, train=replace(cfg.train, max_minutes=left))
-    _stage("train", out / "diffusion", fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
+    stage("train", out / "diffusion", fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
     results = out / "results"
 
     def evaluate_into(d: Path) -> None:
@@ -154,7 +154,7 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
         sample_and_evaluate(cfg, out / "diffusion", out / "store", d, log)
         write_report(d / "eval", d / "report.html", peers={"gaussian": _metrics(d / "gaussian")})
 
-    _stage("sample+evaluate", results, fresh, evaluate_into, log)
+    stage("sample+evaluate", results, fresh, evaluate_into, log)
     metrics = _metrics(results)
     log("\n" + metric_table(metrics, {"gaussian": _metrics(results / "gaussian")}))
     log(f"\nreport: {results / 'report.html'}   ({(time.perf_counter() - t0) / 60:.1f} min)")
@@ -212,9 +212,9 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         run_cfg = replace(cfg, model=replace(cfg.model, preset=preset), train=replace(cfg.train, steps=steps))
         run = out / preset
         t0 = time.perf_counter()
-        _stage(f"train {preset}", run / "diffusion", False, lambda d: train_diffusion(run_cfg, latents, d, resume=True), log)
+        stage(f"train {preset}", run / "diffusion", False, lambda d: train_diffusion(run_cfg, latents, d, resume=True), log)
         train_s = float((run / "diffusion" / ".done").read_text())
-        _stage(f"sample+evaluate {preset}", run / "results", False,
+        stage(f"sample+evaluate {preset}", run / "results", False,
                lambda d: sample_and_evaluate(run_cfg, run / "diffusion", store, d, log), log)  # fmt: skip
         rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps, "train_s": train_s,
                      **final_loss(run / "diffusion"), **result_row(_metrics(run / "results"))})  # fmt: skip
@@ -222,7 +222,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
             f"C2ST {rows[-1]['c2st_accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
     # the training-free peer: the Gaussian background model the first run fitted, sampled and evaluated alike
     first = out / sizes[0] / "diffusion"
-    _stage("sample+evaluate gaussian", out / "gaussian", False,
+    stage("sample+evaluate gaussian", out / "gaussian", False,
            lambda d: sample_and_evaluate(cfg, first, store, d, log, kind="gaussian"), log)  # fmt: skip
     fits = {}
     for key in (*ROW_FIGURES, "loss_vs_gaussian"):
