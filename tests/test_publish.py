@@ -69,6 +69,63 @@ def test_a_new_dataset_appears_by_one_rename(tmp_path, monkeypatch):
     assert renames == [(f".new.tmp-{HOST}-{os.getpid()}", "new")]
 
 
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (temporaries included) and its bytes."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("after", [False, True])
+def test_a_sample_killed_at_its_commit_leaves_nothing_or_the_whole_dataset(tmp_path, monkeypatch, after):
+    """The commit of a new dataset is one rename: killed just before it, nothing is there (and the next
+    run removes the temporary); just after it, the whole dataset is."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "samples"
+    whole = tmp_path / "whole"
+    write_runs(whole, "synth01")
+    rename = "real(self, target); KILL" if after else "KILL"
+    pid = killed_midway(f"""
+import numpy as np
+from pathlib import Path
+from fmrisynth.generate.bids import DatasetWriter
+real = Path.rename
+def rename(self, target):
+    {rename}
+Path.rename = rename
+with DatasetWriter({str(out)!r}, [("synth01", "motor")], np.eye(4), np.ones((2, 2, 2), bool), Path("ckpt")) as w:
+    w.add("synth01", "motor", np.zeros((3, 8), np.float32), 1.0, [], {{}})
+""")
+    if after:
+        assert leftovers(tmp_path) == [] and snapshot(out).keys() == snapshot(whole).keys()
+    else:
+        assert leftovers(tmp_path) == [f".samples.tmp-{HOST}-{pid}"] and not out.exists()
+
+
+def test_an_exception_while_adding_to_a_dataset_leaves_it_as_it_was(tmp_path, monkeypatch):
+    """Into an existing dataset the staged files move one at a time; an exception after some of them
+    (here at the second file of the new run) moves every one back and restores the namesakes they replaced."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "samples"
+    write_runs(out, "synth01")
+    (out / ".bidsignore").write_text("mine\n")  # a namesake the next writer replaces
+    before = snapshot(out)
+    moves, real = [], Path.replace
+
+    def replace(self, target):
+        moves.append(self.name)
+        if len(moves) == 6:  # .bidsignore and dataset_description.json (each: namesake aside, file in), one run file
+            raise OSError("disk full")
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        write_runs(out, "synth02")
+    monkeypatch.setattr(Path, "replace", real)
+    assert snapshot(out) == before and not (out / "sub-synth02").exists() and leftovers(tmp_path, out) == []
+    write_runs(out, "synth02")  # and the same write succeeds afterwards
+    assert sorted(p.name for p in out.glob("sub-*")) == ["sub-synth01", "sub-synth02"]
+    assert (out / ".bidsignore").read_text() == "config.yaml\n"
+
+
 def test_a_failed_write_leaves_nothing(tmp_path):
     with pytest.raises(RuntimeError):
         with staged(tmp_path / "out") as tmp:

@@ -5,7 +5,8 @@ One scheme for every output (stores, ``sample``'s BIDS datasets, evaluations, si
 writer stages its output under ``.<name>.tmp-<host>-<pid>`` beside the target and publishes it with
 one rename. Where the target folder already exists and must keep what else is in it (a dataset
 that gains a task, an evaluation folder holding a user's notes), each staged file replaces its
-namesake instead, and nothing else in the folder is touched. Before staging, a writer removes the
+namesake instead, and nothing else in the folder is touched; an exception half-way moves them all
+back. Before staging, a writer removes the
 temporaries in the same folder whose process is gone (SIGKILL, power loss): the README's promise
 "temporaries left by a killed process are removed by the next run in the same folder".
 
@@ -22,7 +23,7 @@ import re
 import shutil
 import socket
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
 
@@ -76,15 +77,44 @@ def remove_stale(folder: str | Path) -> list[Path]:
 
 def publish(tmp: Path, target: Path) -> None:
     """Put the staged ``tmp`` in place of ``target``: one rename when ``target`` is absent; else each
-    staged file replaces its namesake in the existing folder, and nothing else there changes."""
+    staged file replaces its namesake in the existing folder, and nothing else there changes.
+
+    Into an existing folder the files move one at a time; an exception on the way moves them all
+    back (the namesakes they replaced included, kept aside in ``tmp`` until the end) and removes
+    the folders it made, so the folder is as it was. Only a new target is published by one rename,
+    safe against a kill as well.
+    """
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp.rename(target)
         return
-    for f in sorted(p for p in tmp.rglob("*") if not p.is_dir()):
-        dest = target / f.relative_to(tmp)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        f.replace(dest)
+    files = sorted(p for p in tmp.rglob("*") if not p.is_dir())
+    aside = tmp / f".replaced.tmp-{HOST}-{os.getpid()}"  # the namesakes replaced, until all is in place
+    done: list[tuple[Path, Path, Path | None]] = []  # (staged file, its destination, the namesake kept aside)
+    made: list[Path] = []  # folders created in target, deepest last
+    try:
+        for f in files:
+            dest = target / f.relative_to(tmp)
+            missing = [d for d in (dest.parent, *dest.parent.parents) if not d.exists()]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            made += reversed(missing)
+            old = None
+            if dest.exists() or dest.is_symlink():
+                old = aside / f.relative_to(tmp)
+                old.parent.mkdir(parents=True, exist_ok=True)
+                dest.replace(old)
+            done.append((f, dest, old))
+            f.replace(dest)
+    except BaseException:
+        for f, dest, old in reversed(done):
+            if not f.exists() and (dest.exists() or dest.is_symlink()):
+                dest.replace(f)
+            if old is not None and old.exists():
+                old.replace(dest)
+        for d in reversed(made):
+            with suppress(OSError):
+                d.rmdir()
+        raise
 
 
 @contextmanager
