@@ -18,6 +18,7 @@ OWNERS = {
     "data.f16": "data/store.py",
     "MNINonLinear": "data/hcp.py",  # the HCP layout: run folders and their EVs/ files
     "EVs": "data/hcp.py",
+    "simulation.json": "data/simulator.py",  # what simulate wrote; evaluation finds the truth through it
 }
 
 
@@ -75,5 +76,6 @@ def test_benchmarks_use_public_names_only():
     for path in scripts:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "fmrisynth":
-                private += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+                private += [f"{path.name}:{node.lineno} {node.module}.{a.name}"
+                            for a in node.names if a.name.startswith("_")]
     assert not private, private

@@ -33,7 +33,7 @@ from fmrisynth import __version__
 from fmrisynth.config import Config
 from fmrisynth.data.design import default_task, design_tsv, read_design
 from fmrisynth.data.simulator import _check, _pe_index, _regressors, _save, _Subject, trial_gains, write_provenance
-from fmrisynth.data.simulator import write_truth
+from fmrisynth.data.simulator import PROVENANCE, write_truth
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.publish import staged
 from fmrisynth.tasks import HCP24
@@ -93,7 +93,7 @@ def simulate_design(cfg: Config, out: Path, events_file: Path | None, tr: float 
                        "DatasetType": "raw",
                        "GeneratedBy": [{"Name": "fmrisynth simulate", "Version": __version__}]}  # fmt: skip
         (tmp / "dataset_description.json").write_text(json.dumps(description, indent=1))
-        (tmp / ".bidsignore").write_text("simulation.json\nconfig.yaml\nsub-*/truth\n")  # not BIDS: ours
+        (tmp / ".bidsignore").write_text(f"{PROVENANCE}\nconfig.yaml\nsub-*/truth\n")  # not BIDS: ours
         meta = {"generator": "fmrisynth simulate --events", "seed": cfg.seed, "grid": cfg.sim.grid,
                 "shape": list(sim.shape), "affine": sim.write_affine.tolist(), "tr": tr, "frames": frames,
                 "task": task, "runs": list(cfg.sim.runs), "conditions": list(d.events), "first_subject": first_subject,

@@ -45,6 +45,8 @@ from fmrisynth.data.sim_anatomy import SimGrid, load_asset, paint, smooth_field,
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.tasks import HCP24, HCP_TR, PARADIGMS, Paradigm
 
+PROVENANCE = "simulation.json"  # what was simulated (write_provenance); evaluation finds the truth by it
+GENERATOR = "fmrisynth simulate"  # its "generator" in an HCP-layout simulation (is_simulation)
 PE_SIGN = {"LR": 1.0, "RL": -1.0}
 # Where EPI distortion is strongest (air-tissue interfaces): orbitofrontal cortex, temporal poles.
 DISTORTION_CENTRES_MM = np.array([[0.0, 35.0, -20.0], [-40.0, 10.0, -30.0], [40.0, 10.0, -30.0]])
@@ -82,7 +84,7 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
             if pending is not None:
                 pending.result()
         meta = {
-            "generator": "fmrisynth simulate",
+            "generator": GENERATOR,
             "seed": cfg.seed,
             "grid": sim_cfg.grid,
             "shape": list(sim.shape),
@@ -99,11 +101,29 @@ def simulate(cfg: Config, out: Path, progress: bool = True) -> dict:
             "grid": sim_cfg.grid, "shape": list(sim.shape), "seconds": round(time.perf_counter() - started, 2)}
 
 
+def truth_map_name(condition: str) -> str:
+    """The file of a condition's true map in a subject's ``truth/``: ``MOTOR:rh`` -> ``MOTOR_rh.nii.gz``."""
+    return f"{condition.replace(':', '_')}.nii.gz"
+
+
+def is_simulation(root: Path) -> bool:
+    """Whether ``root`` is a dataset ``simulate`` wrote (HCP layout): its ``simulation.json`` says so."""
+    try:
+        return json.loads((Path(root) / PROVENANCE).read_text()).get("generator") == GENERATOR
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def truth_map_files(root: Path, subjects: list[str], condition: str) -> list[Path]:
+    """Where ``simulate`` wrote the true map of ``condition`` of each of ``subjects``: ``<subject>/truth/``."""
+    return [Path(root) / s / "truth" / truth_map_name(condition) for s in subjects]
+
+
 def write_truth(sim: SimGrid, subject: _Subject, conditions: list[str], folder: Path) -> None:
     """A subject's ground truth in ``folder``: one map per condition (HCP24 names) and its deformed brain mask."""
     truth = subject.truth_maps_of(conditions)  # (N, conditions)
     for k, condition in enumerate(conditions):
-        _save(sim, truth[:, k : k + 1], folder / f"{condition.replace(':', '_')}.nii.gz")
+        _save(sim, truth[:, k : k + 1], folder / truth_map_name(condition))
     _save(sim, subject.warped_mask()[:, None], folder / "brain_mask.nii.gz")
 
 
@@ -140,7 +160,7 @@ def staged(out: Path) -> Iterator[Path]:
 
 def write_provenance(tmp: Path, meta: dict, cfg: Config) -> None:
     """``simulation.json`` (what was simulated, from which real subjects) and the resolved config."""
-    (tmp / "simulation.json").write_text(json.dumps(meta, indent=1))
+    (tmp / PROVENANCE).write_text(json.dumps(meta, indent=1))
     save_config(cfg, tmp / "config.yaml")
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -111,20 +110,18 @@ def truth_maps(store: ClipStore, conditions: list[str]) -> tuple[np.ndarray | No
     """
     import nibabel as nib
 
+    from fmrisynth.data.simulator import PROVENANCE, is_simulation, truth_map_files  # the simulator owns its layout
+
     recorded = store.header.get("summary", {}).get("root", "")
     for root in dict.fromkeys([resolve_recorded(recorded, store.path / "store.json"), Path(recorded)]):
-        try:
-            simulated = json.loads((root / "simulation.json").read_text()).get("generator") == "fmrisynth simulate"
-        except (OSError, ValueError, AttributeError):
-            simulated = False
-        if simulated:
+        if is_simulation(root):
             break
-    if not simulated:
-        return None, "not simulated data (the store's dataset has no simulation.json)"
+    else:
+        return None, f"not simulated data (the store's dataset has no {PROVENANCE})"
     subjects = sorted(set(store.manifest["subject"].astype(str)))
     maps = []
     for condition in conditions:
-        files = [root / s / "truth" / f"{condition.replace(':', '_')}.nii.gz" for s in subjects]
+        files = truth_map_files(root, subjects, condition)
         try:
             first = nib.load(files[0])
             mean = sum(np.asarray(nib.load(f).dataobj, np.float32) for f in files) / len(files)  # (D, H, W)
