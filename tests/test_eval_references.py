@@ -112,9 +112,9 @@ def test_codec_reconstructs_the_reference_through_the_generating_runs_vqgan(tmp_
     store = build_store(tmp_path / "store", rng, {**TEST_SUBJECTS, "s4": "train", "s5": "train"})
     run = tmp_path / "diffusion"
     (run / "checkpoints" / "step_10").mkdir(parents=True)
-    write_run_info(run, {"vqgan_checkpoint": tmp_path / "vae", "clip_store": store.path, "latents": tmp_path / "latents",
-                         "latent_shape": [1, 1, 1, 1], "conditions": CONDITIONS, "latent_mean": [0.0], "latent_std": [1.0],
-                         "blocks": {}})
+    paths = {"vqgan_checkpoint": tmp_path / "vae", "clip_store": store.path, "latents": tmp_path / "latents"}
+    write_run_info(run, {**paths, "latent_shape": [1, 1, 1, 1], "conditions": CONDITIONS, "latent_mean": [0.0],
+                         "latent_std": [1.0], "blocks": {}})
     samples = _good_samples(tmp_path / "samples", rng, n=4)
     for sidecar in samples.rglob("*_bold.json"):
         sidecar.write_text(json.dumps({**json.loads(sidecar.read_text()), "checkpoint": str(run / "checkpoints" / "step_10")}))

@@ -180,11 +180,13 @@ def test_stale_temporaries_of_dead_processes_are_removed(tmp_path, monkeypatch):
     host = socket.gethostname()
     dead, legacy, alive = (root / f".tmp_step_000011-{host}-{2**22 + 12345}", root / ".tmp_step_000012",
                            root / f".tmp_step_000013-{host}-{os.getpid()}")  # fmt: skip  (older versions' names)
-    now_dead, now_alive = (root / f".step_000014.tmp-{HOST}-{2**22 + 12345}", root / f".step_000015.tmp-{HOST}-{os.getpid()}")
+    now_dead, now_alive = (root / f".step_000014.tmp-{HOST}-{2**22 + 12345}",
+                           root / f".step_000015.tmp-{HOST}-{os.getpid()}")  # fmt: skip
     for d in (dead, legacy, alive, now_dead, now_alive):
         d.mkdir()
     staged_in, save = [], torch.save  # where checkpoints are staged: publish's temp_path
-    monkeypatch.setattr(torch, "save", lambda obj, f, *a, **k: staged_in.append(Path(f).parent.name) or save(obj, f, *a, **k))
+    monkeypatch.setattr(torch, "save", 
+                        lambda obj, f, *a, **k: staged_in.append(Path(f).parent.name) or save(obj, f, *a, **k))
     with pytest.warns(UserWarning, match="removed the temporary output of process"):
         train_toy(out, resume=True, steps=20)
     assert not dead.exists() and not legacy.exists() and alive.exists()
