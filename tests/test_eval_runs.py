@@ -95,3 +95,24 @@ def test_cli_evaluate_runs_writes_runs_json_and_refuses_an_empty_folder_in_one_l
                  "--out", str(tmp_path / "e2")]) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no *_bold.nii.gz runs found" in err
+
+
+def test_a_runs_events_are_read_by_the_one_events_reader(tmp_path, rng):
+    """load_runs reads events.tsv through data/design.read_events_tsv: n/a rows are skipped, a bad value
+    is one line naming the file (a second reader of the format would let these differ)."""
+    from fmrisynth.errors import FmrisynthError
+    from fmrisynth.evaluate.runs import load_runs
+
+    test_runs_from_bids_folders(tmp_path, rng)
+    events = next((tmp_path / "real").rglob("*_events.tsv"))
+    table = EVENTS.astype(object)
+    table.loc[len(table)] = [1.0, 1.0, "n/a"]
+    table.to_csv(events, sep="\t", index=False)
+    runs, _, _ = load_runs(tmp_path / "real")
+    assert all(list(r.events.columns) == ["onset", "duration", "trial_type"] for r in runs)
+    assert all("n/a" not in set(r.events["trial_type"]) for r in runs) and len(runs[0].events) == len(EVENTS)
+    table.loc[0, "onset"] = "soon"
+    table.to_csv(events, sep="\t", index=False)
+    with pytest.raises(FmrisynthError, match="line 2: onset, duration and modulation must be numbers") as e:
+        load_runs(tmp_path / "real")
+    assert str(events) in str(e.value)

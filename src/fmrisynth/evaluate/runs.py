@@ -158,6 +158,8 @@ def load_runs(root: str | Path) -> tuple[list[Run], np.ndarray, np.ndarray]:
     import nibabel as nib
     import pandas as pd
 
+    from fmrisynth.data.design import read_events_tsv
+
     root = Path(root)
     bolds = sorted(root.rglob("*_bold.nii.gz"))
     if not bolds:
@@ -168,7 +170,11 @@ def load_runs(root: str | Path) -> tuple[list[Run], np.ndarray, np.ndarray]:
         try:
             img = nib.load(bold)
             data = np.asarray(img.dataobj, np.float32)  # (D, H, W, T)
-            events = pd.read_csv(f"{stem}_events.tsv", sep="\t")
+            events = pd.DataFrame([(e.onset_s, e.duration_s, e.condition, e.modulation) for _, e in
+                                   read_events_tsv(f"{stem}_events.tsv")],
+                                  columns=["onset", "duration", "trial_type", "modulation"])  # fmt: skip
+            if (events["modulation"] == 1).all():  # nilearn then models plain boxcars (and says nothing)
+                events = events.drop(columns="modulation")
             sidecar = Path(f"{stem}_bold.json")
             tr = float(json.loads(sidecar.read_text())["RepetitionTime"]) if sidecar.is_file() else float(img.header.get_zooms()[3])
         except (OSError, ValueError, KeyError, IndexError, nib.filebasedimages.ImageFileError) as e:
