@@ -62,11 +62,11 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for n in steps:
         step_cfg, results = replace(cfg, train=replace(cfg.train, steps=n)), args.out / f"step_{n}"
-        later = (run / "train_log.jsonl").exists() and final_loss(run)["steps"] > n
-        if later and not (results / ".done").exists():  # its evaluation would sample a later model
-            parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
-        train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
-        stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
+        if not (results / ".done").exists():  # else this step was trained and evaluated by an earlier run
+            if (run / "train_log.jsonl").exists() and final_loss(run)["steps"] > n:  # it would sample a later model
+                parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
+            train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
+            stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
         metrics = json.loads((results / "eval" / "metrics.json").read_text())
         rows.append({"steps": n, **final_loss(run, upto=n), **result_row(metrics),
                      "reference": {k: metrics["reference"].get(k) for k in ("map_corr_mean", "rsa", "top1_map", "top1_clip")}})
