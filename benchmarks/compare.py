@@ -37,6 +37,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
+
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
 from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
@@ -122,13 +124,18 @@ def sampling_seconds_per_clip(run: Path, cfg: Config, n: int = 8) -> float:
 
     from fmrisynth.generate.sample import load_denoiser
 
-    den = load_denoiser(run)
+    den = load_denoiser(run)  # no prior: the network's sampling alone
     frames = den.info["latent_shape"][0]
     labels, designs = torch.zeros(n, dtype=torch.long), torch.zeros(n, frames)  # cost is condition-free
     d = cfg.diffusion
-    den.generate(labels, designs, 1, d.sampler, d.guidance, torch.Generator().manual_seed(0))
+
+    def generate(steps: int) -> torch.Tensor:
+        generators = [torch.Generator().manual_seed(i) for i in range(n)]
+        return den.generate(labels, designs, steps, d.sampler, d.guidance, generators, subjects=[], zeta=np.zeros(n))
+
+    generate(1)
     t0 = time.perf_counter()  # generate() returns CPU tensors, so the GPU has finished when it returns
-    den.generate(labels, designs, d.sample_steps, d.sampler, d.guidance, torch.Generator().manual_seed(0))
+    generate(d.sample_steps)
     return (time.perf_counter() - t0) / n
 
 

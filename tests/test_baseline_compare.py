@@ -65,3 +65,14 @@ def test_a_run_directory_of_another_config_is_not_silently_reused(compare, tmp_p
     assert load_config(tmp_path / "config.yaml") == cfg  # the same config would be reused
     with pytest.raises(SystemExit):
         compare.main(["--out", str(tmp_path), "--set", "train.steps=6"])
+
+
+@pytest.mark.slow
+def test_sampling_time_is_measured_on_a_trained_run(compare, stage2_run):
+    """The timing helper drives the run's denoiser through its real sampling call (it once fell behind a
+    change of Denoiser.generate's arguments and crashed after the first arm had trained)."""
+    from fmrisynth.checkpoint import load_checkpoint
+
+    cfg = load_checkpoint(stage2_run / "run").config
+    seconds = compare.sampling_seconds_per_clip(stage2_run / "run", cfg, n=2)
+    assert seconds > 0 and seconds != float("inf")
