@@ -18,7 +18,8 @@ from fmrisynth.data.store import StoreWriter
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate.sample import load_denoiser, sample
 from fmrisynth.models.background import BACKGROUND, CODEC_RESIDUAL, PRIOR, GaussianBackground
-from fmrisynth.models.response import K, Event, ResponseModel
+from fmrisynth.models.response import Event, ResponseModel
+from fmrisynth.models.response_fit import K
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 from fmrisynth.models.diffusion import design_boxcar
 from fmrisynth.training.diffusion import train_diffusion

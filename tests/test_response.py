@@ -14,7 +14,8 @@ from fmrisynth.data.run_events import FILE, RunEvent, read_run_events, write_run
 from fmrisynth.data.simulator import simulate, trial_gains
 from fmrisynth.data.store import ClipStore, StoreWriter
 from fmrisynth.errors import FmrisynthError
-from fmrisynth.models.response import K, Event, ResponseModel, clip_events
+from fmrisynth.models.response import Event, ResponseModel, clip_events
+from fmrisynth.models.response_fit import K
 from fmrisynth.tasks import HRF_BASIS, design_regressors
 
 T, TR, V, RUN = 20, 0.72, 300, 200

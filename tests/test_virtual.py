@@ -25,7 +25,8 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.generate import SyntheticClips, codec
 from fmrisynth.generate.bids import read_clips
 from fmrisynth.generate.sample import sample, sample_runs
-from fmrisynth.models.response import K, ResponseModel
+from fmrisynth.models.response import ResponseModel
+from fmrisynth.models.response_fit import K
 
 pytestmark = pytest.mark.slow  # seconds or more per test: `make test` runs it, `make test-fast` does not
 

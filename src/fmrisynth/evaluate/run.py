@@ -25,7 +25,8 @@ import numpy as np
 from fmrisynth.config import Config, EvalConfig, save_config
 from fmrisynth.errors import FmrisynthError
 from fmrisynth.evaluate import metrics as M
-from fmrisynth.evaluate.clips import ClipSet, open_generated, open_real, read_item, split_spec
+from fmrisynth.evaluate.clips import ClipSet, open_generated, open_real, split_spec
+from fmrisynth.evaluate.memorisation import memorisation, train_features
 from fmrisynth.evaluate.passes import Pass, halves, map_metrics, stream, task_metrics, timecourses
 from fmrisynth.evaluate.realism import (MIN_C2ST_CLIPS, between_clip_ratio, c2st, compare, make_probe,
                                         mean_clip_distance, two_sample_tests)
@@ -37,31 +38,6 @@ MIN_RSA_CONDITIONS = 3  # an RDM of C conditions has C(C-1)/2 pairs; a correlati
 UNITS = {"zscore": "z (voxel sd over the run)", "psc": "% signal change", "none": "scanner units"}
 V3_KEYS = ("c2st_quadratic", "c2st_quadratic_ci", "c2st_stats", "c2st_stats_ci", "between_clip_variance_ratio",
            "mean_clip_diff")  # realism figures of evaluation v3, each with a _reference twin
-
-
-def _memorisation(gen: Pass, heldout: Pass, train: np.ndarray, seed: int, margin: float) -> dict:
-    """Nearest-neighbour r of generated clips to training clips (n, T, F) vs to held-out clips.
-
-    Both candidate sets are subsampled to the same size, so that both maxima are taken over the
-    same number of candidates (a maximum over more clips is higher by chance alone).
-    """
-    if len(train) == 0:
-        return {"train_nn_corr": None, "heldout_nn_corr": None, "flagged": None, "n_train": 0}
-    rng = np.random.default_rng(seed)
-    k = min(len(train), len(heldout.features))
-    flat = lambda x: x.reshape(len(x), -1)  # noqa: E731  (n, T, F) -> (n, T * F)
-    pick = lambda x: flat(x[np.sort(rng.permutation(len(x))[:k])])  # noqa: E731  k candidates
-    train_nn = float(M.nearest_corr(flat(gen.features), pick(train)).mean())
-    heldout_nn = float(M.nearest_corr(flat(gen.features), pick(heldout.features)).mean())
-    return {"train_nn_corr": train_nn, "heldout_nn_corr": heldout_nn,
-            "flagged": bool(train_nn - heldout_nn > margin), "n_train": k}
-
-
-def _train_features(store, conditions: list[str], voxels: np.ndarray, n: int, seed: int) -> np.ndarray:
-    """The sampled voxels (n, T, F) of ``n`` random training clips of the store (memorisation)."""
-    train = np.concatenate([store.indices(split="train", condition=c) for c in conditions])
-    train = np.sort(np.random.default_rng(seed).choice(train, size=min(len(train), n), replace=False))
-    return np.stack([read_item(store, i)[:, voxels] for i in train]) if len(train) else np.empty((0,))
 
 
 def _pca(real: Pass, gen: Pass, real_table, gen_table, ecfg: EvalConfig, seed: int) -> tuple[dict, dict]:
@@ -296,8 +272,8 @@ def _metrics(real: str, generated: str, store, tables: tuple, conditions: list[s
         "hrf_corr_real_mean": float(np.nanmean([d["corr_real_hrf"] for d in hrf.values()])),
         **_yardstick_rows(p, yard, conditions, ecfg, seed),
         "realism": realism,
-        "memorisation": _memorisation(p.generated, p.real, _train_clips(store, p, yard, conditions, seed), seed,
-                                      ecfg.memorisation_margin),  # fmt: skip
+        "memorisation": memorisation(p.generated, p.real, _train_clips(store, p, yard, conditions, seed), seed,
+                                     ecfg.memorisation_margin),  # fmt: skip
         "hrf": {conditions[c]: d for c, d in hrf.items()},
         "roi_fraction": ecfg.roi_fraction,
         "pca": pca,
@@ -365,7 +341,7 @@ def _train_clips(store, p: _Passes, yard: _Yardsticks, conditions: list[str], se
     the reference is the store's train split, else as many random training clips as real test clips."""
     if yard.reference is not None and split_spec(yard.reference_info["source"], None) == (store.path, "train"):
         return p.reference.features
-    return _train_features(store, conditions, p.voxels, len(p.real.rows), seed)
+    return train_features(store, conditions, p.voxels, len(p.real.rows), seed)
 
 
 def _write(out: Path, store, conditions: list[str], maps: dict[str, np.ndarray], arrays: dict, cfg: Config,

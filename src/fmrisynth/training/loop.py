@@ -2,8 +2,8 @@
 
 A stage describes *what* it trains as an ``Objective`` (networks as submodules, a loss per optimiser
 "part"); ``fit`` owns *how*: device, DDP, autocast, AdamW per part with linear warm-up, gradient
-accumulation and clipping, an EMA copy with decay warm-up, ``train_log.jsonl``, checkpoints
-(``fmrisynth.checkpoint``) and exact resume.
+accumulation and clipping, an EMA copy with decay warm-up, ``train_log.jsonl``
+(``run_log``), checkpoints (``fmrisynth.checkpoint``) and exact resume.
 
 Randomness contract (what makes resume and torchrun exact):
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import random
 import time
@@ -52,8 +51,7 @@ from fmrisynth.errors import FmrisynthError
 from fmrisynth.checkpoint import Checkpoint, clean_stale, latest_checkpoint, load_checkpoint, load_state
 from fmrisynth.checkpoint import resume_point, save_checkpoint
 from fmrisynth.distributed import autocast, barrier, init_distributed, main_only, mean_over_ranks, rank_and_world
-
-LOG = "train_log.jsonl"
+from fmrisynth.training.run_log import TrainLog, truncate_log
 
 
 # --- objective ------------------------------------------------------------------------------------
@@ -142,22 +140,6 @@ def _check_compatible(ckpt: Checkpoint, objective: Objective, config: Config | N
                              f"{mine.get(k)} here); was the preset changed?", ckpt.path)  # fmt: skip
 
 
-def _truncate_log(out: Path, step: int) -> None:
-    """Drop log rows after ``step`` (logged after the checkpoint a resume starts from; all of them on a
-    fresh start) and torn lines, so the log has one row per logged step."""
-    log = out / LOG
-    if not log.is_file():
-        return
-    keep = []
-    for line in log.read_text().splitlines():
-        with contextlib.suppress(ValueError, KeyError, TypeError):
-            if json.loads(line)["step"] <= step:
-                keep.append(line + "\n")
-    tmp = log.with_name(LOG + ".tmp")
-    tmp.write_text("".join(keep))
-    tmp.replace(log)
-
-
 def _prepare_run(out: Path, resume: bool, objective: Objective, config: Config | None, seed: int, batch: dict,
                  loaded: list) -> Path | None:  # fmt: skip
     """Rank 0: check, clean and create the run directory; pick the checkpoint to resume (into ``loaded``)."""
@@ -172,7 +154,7 @@ def _prepare_run(out: Path, resume: bool, objective: Objective, config: Config |
         point = resume_point(out)
         _check_compatible(point[0], objective, config, seed, batch)
         loaded.append(point)
-    _truncate_log(out, 0 if point is None else point[0].step)
+    truncate_log(out, 0 if point is None else point[0].step)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if config is not None:
@@ -264,7 +246,7 @@ def fit(
     step = 0 if path is None else _restore(path, loaded, objective, ema, opts, rank, device)
 
     model = _ddp(objective, device) if world > 1 else objective
-    log = _Log(out, rank, step, cfg.steps, desc, progress)
+    log = TrainLog(out, rank, step, cfg.steps, desc, progress)
     batches = _epochs(dataset, cfg, seed, rank, world, step)
     t_start = time.perf_counter()
     objective.train()
@@ -400,38 +382,3 @@ def _rng_states(device: torch.device, world: int) -> list[dict]:
     rngs = [None] * world
     dist.all_gather_object(rngs, _rng_state(device))
     return rngs
-
-
-class _Log:
-    """train_log.jsonl and the progress bar, on rank 0; the other ranks only join in the mean of the logs."""
-
-    def __init__(self, out: Path, rank: int, step: int, steps: int, desc: str, progress: bool):
-        from tqdm import tqdm
-
-        self.file = open(out / LOG, "a") if rank == 0 else None
-        self.bar = tqdm(total=steps, initial=step, desc=desc, disable=not progress or rank != 0, dynamic_ncols=True)
-        self.t_log, self.clips_since = time.perf_counter(), 0
-
-    def stepped(self, clips: int) -> None:
-        self.clips_since += clips
-        self.bar.update(1)
-
-    def row(self, step: int, total: float, lr: float, logs: dict[str, float], device: torch.device) -> None:
-        """Log one row: the loss, lr, throughput since the last row and the logs' means over ranks
-        (a collective under torchrun: all ranks must call it)."""
-        keys = sorted(logs)
-        means = mean_over_ranks(torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=device)).tolist()
-        if self.file is None:
-            return
-        now = time.perf_counter()
-        row = {"step": step, "loss": total, "lr": lr, "clips_per_s": self.clips_since / max(now - self.t_log, 1e-9),
-               **dict(zip(keys, means))}  # fmt: skip
-        self.file.write(json.dumps(row) + "\n")
-        self.file.flush()
-        self.bar.set_postfix(loss=f"{total:.4f}", clips_s=f"{row['clips_per_s']:.1f}")
-        self.t_log, self.clips_since = now, 0
-
-    def close(self) -> None:
-        self.bar.close()
-        if self.file is not None:
-            self.file.close()
