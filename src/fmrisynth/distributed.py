@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
 from typing import Callable, TypeVar
 
@@ -98,6 +99,7 @@ def init_distributed() -> torch.device:
 def leave_distributed() -> None:
     """Destroy the process group if this process joined one (registered at exit by ``init_distributed``)."""
     if dist.is_initialized():
+        gc.collect()  # DDP wrappers left in reference cycles hold the group: free them while the interpreter is whole
         dist.destroy_process_group()
 
 
