@@ -184,6 +184,8 @@ def _cell(key: str, value) -> str:
         return value
     if key == "params":
         return f"{value / 1e6:.2f}M"
+    if key == "steps":
+        return str(int(value))
     return f"{value:.4g}" if key in ("gflops", "step_s", "sample_s_per_clip") else f"{value:.3f}"
 
 

@@ -46,13 +46,13 @@ def test_step_seconds_is_the_median_after_the_warmup_window(compare, tmp_path):
 
 
 def test_table_has_one_line_per_arm_and_the_ceiling_last(compare):
-    row = {k: 0.5 for k in compare.COLUMNS} | {"params": 2.5e6}
+    row = {k: 0.5 for k in compare.COLUMNS} | {"params": 2.5e6, "steps": 930}
     ceiling = {"map_corr_mean": 0.9, "rsa": 0.95, "top1_map": 1.0, "hrf_corr_mean": 0.8}
     gaussian = {"arm": "gaussian", "params": 0, "map_corr_mean": 0.7, "c2st_accuracy": 0.6}  # no timing, no loss
     rows = [row | {"arm": "ours", "ceiling": ceiling}, row | {"arm": "monai-unet", "ceiling": ceiling}, gaussian]
     lines = compare.table(rows).splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["ours", "monai-unet", "gaussian"]
-    assert lines[-1].startswith("noise ceiling") and "2.50M" in lines[1]
+    assert lines[-1].startswith("noise ceiling") and "2.50M" in lines[1] and " 930 " in lines[1]
     from_end = len(compare.COLUMNS) - list(compare.COLUMNS).index("hrf_corr_mean")
     assert lines[-1].split()[-from_end] == "0.800" and "0.950" in lines[-1]  # HRF r, then the realism columns
     cells = lines[3].split()
