@@ -19,6 +19,7 @@ OWNERS = {
     "MNINonLinear": "data/hcp.py",  # the HCP layout: run folders and their EVs/ files
     "EVs": "data/hcp.py",
     "simulation.json": "data/simulator.py",  # what simulate wrote; evaluation finds the truth through it
+    "vertex_label": "data/sim_anatomy.py",  # the simulator asset's labelled surface (Glasser parcels)
 }
 
 

@@ -30,6 +30,18 @@ def load_asset() -> dict[str, np.ndarray]:
             return {k: npz[k] for k in npz.files}
 
 
+def glasser_labels(mm: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """Glasser parcel (1..360, 0 = none) of points at MNI millimetres ``mm`` (V, 3) in voxels of side
+    ``voxel_mm``: the parcel of the nearest midthickness vertex of the asset when that vertex is closer
+    than the cortical half-thickness plus the voxel's half-diagonal; deeper points stay 0. The one
+    rule for the simulator's maps and the evaluation's parcels (``evaluate/realism.py``)."""
+    from scipy.spatial import cKDTree
+
+    asset = load_asset()
+    dist, nearest = cKDTree(asset["vertex_mm"].astype(np.float32)).query(mm)
+    return np.where(dist <= 1.5 + voxel_mm * np.sqrt(3) / 2, asset["vertex_label"][nearest], 0)
+
+
 @dataclass(frozen=True)
 class SimGrid:
     """The grid runs are simulated on, and how they are written.
@@ -94,15 +106,10 @@ class SimGrid:
         A brain voxel takes the parcel of its nearest midthickness vertex when that vertex is closer
         than the cortical half-thickness plus the voxel's half-diagonal; deeper voxels stay 0.
         """
-        from scipy.spatial import cKDTree
-
-        asset = load_asset()
         inside = np.argwhere(self.mask)
-        mm = inside @ self.grid.affine[:3, :3].T + self.grid.affine[:3, 3]
-        dist, nearest = cKDTree(asset["vertex_mm"].astype(np.float32)).query(mm)
-        limit = 1.5 + self.voxel_mm * np.sqrt(3) / 2
+        mm = inside @ self.grid.affine[:3, :3].T + self.grid.affine[:3, 3]  # (V, 3)
         labels = np.zeros(self.shape, np.int16)
-        labels[tuple(inside.T)] = np.where(dist <= limit, asset["vertex_label"][nearest], 0)
+        labels[tuple(inside.T)] = glasser_labels(mm, self.voxel_mm)
         return labels
 
     def to_grid(self, columns: np.ndarray) -> np.ndarray:

@@ -69,15 +69,10 @@ def glasser_parcels(mask: np.ndarray, affine: np.ndarray) -> np.ndarray:
     A voxel takes the label of its nearest midthickness vertex when that vertex lies within the
     cortical half-thickness plus the voxel's half-diagonal (as the simulator paints its maps).
     """
-    from scipy.spatial import cKDTree
+    from fmrisynth.data.sim_anatomy import glasser_labels
 
-    from fmrisynth.data.sim_anatomy import load_asset
-
-    asset = load_asset()
     mm = np.argwhere(mask) @ affine[:3, :3].T + affine[:3, 3]  # (V, 3)
-    dist, nearest = cKDTree(asset["vertex_mm"].astype(np.float32)).query(mm)
-    limit = 1.5 + np.sqrt((affine[:3, :3] ** 2).sum(0)).max() * np.sqrt(3) / 2
-    return np.where(dist <= limit, asset["vertex_label"][nearest], 0)
+    return glasser_labels(mm, np.sqrt((affine[:3, :3] ** 2).sum(0)).max())
 
 
 def kmeans_parcels(mask: np.ndarray, n_parcels: int, seed: int) -> np.ndarray:
