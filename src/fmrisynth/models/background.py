@@ -181,13 +181,13 @@ class GaussianBackground:
         idx = subjects.long() if isinstance(subjects, torch.Tensor) else torch.as_tensor(np.asarray(subjects)).long()
         return torch.where(idx < 0, torch.full_like(idx, len(self.subjects)), idx)  # POOLED -> the last row
 
-    def whiten(self, x: torch.Tensor, subjects, factors: torch.Tensor | None = None) -> torch.Tensor:
+    def whiten(self, x: torch.Tensor, subjects) -> torch.Tensor:
         """Clips x (B, T, E) of subjects (B,) (indices, POOLED allowed) -> white noise (B, T, E).
 
         With gains (tau > 0) each clip's own gain, estimated from its within-clip variance, is divided out.
         """
         rows = self._subject_rows(subjects).to(x.device)
-        chol = (self._t("factors", x, x.shape[1]) if factors is None else torch.as_tensor(factors, device=x.device))[rows]
+        chol = self._t("factors", x, x.shape[1])[rows]  # (B, K + 1, T, T)
         p, r = self._split(self._spatial_inverse(x - self._t("mean", x)[rows][:, None]))
         p = torch.linalg.solve_triangular(chol[:, :-1], p.transpose(1, 2)[..., None], upper=False)[..., 0]  # (B, K, T)
         r = torch.linalg.solve_triangular(chol[:, -1], r, upper=False)  # (B, T, E)
@@ -195,12 +195,11 @@ class GaussianBackground:
         within = (w - w.mean(1, keepdim=True)).pow(2).mean((1, 2), keepdim=True) * w.shape[1] / max(w.shape[1] - 1, 1)
         return w * within.pow(-self.gain_shrink / 2)  # the clip's own gain out (white: within-clip variance 1)
 
-    def color(self, w: torch.Tensor, subjects, factors: torch.Tensor | None = None,
-              zeta: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+    def color(self, w: torch.Tensor, subjects, zeta: torch.Tensor | None = None) -> torch.Tensor:
         """White noise w (B, T, E) -> clips (B, T, E) of subjects (B,), with gains exp(zeta tau / 2) (zeta (B,),
         standard normal; None: the common gain). With zeta = 0 the inverse of ``whiten`` for a clip of that gain."""
         rows = self._subject_rows(subjects).to(w.device)
-        chol = (self._t("factors", w, w.shape[1]) if factors is None else torch.as_tensor(factors, device=w.device))[rows]
+        chol = self._t("factors", w, w.shape[1])[rows]  # (B, K + 1, T, T)
         p, r = self._split(w)
         p = (chol[:, :-1] @ p.transpose(1, 2)[..., None])[..., 0].transpose(1, 2)  # (B, T, K)
         x = self._spatial(p @ self._t("q", w).T + chol[:, -1] @ r)  # (B, T, E)

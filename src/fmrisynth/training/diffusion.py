@@ -57,14 +57,13 @@ class DiffusionObjective(Objective):
         self.register_buffer("designs", designs, persistent=False)  # (n items in the store, T)
         if prior is not None:
             self.register_buffer("subjects", subjects, persistent=False)  # (n items,) prior subject index
-            self.register_buffer("factors", torch.from_numpy(prior.factors(designs.shape[1])), persistent=False)
 
     def clean(self, batch: dict) -> torch.Tensor:
         """The clips the model learns to make: normalised, and whitened by the prior (B, T, c, d, h, w)."""
         z = (batch["x"] - self.mean[:, None, None, None]) / self.std[:, None, None, None]  # (B, T, c, d, h, w)
         if self.prior is not None:
             subjects = self.subjects[batch["index"]]  # (B,)
-            z = self.prior.whiten(z.flatten(2), subjects, self.factors).reshape(z.shape)  # (B, T, c, d, h, w)
+            z = self.prior.whiten(z.flatten(2), subjects).reshape(z.shape)  # (B, T, c, d, h, w)
         return z
 
     def forward(self, batch: dict, step: int, part: str) -> tuple[torch.Tensor, dict[str, float]]:
