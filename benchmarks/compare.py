@@ -42,7 +42,8 @@ import numpy as np
 from fmrisynth.config import Config, ModelConfig, load_config, packaged_config, save_config, to_dict
 from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
-from fmrisynth.pipeline import final_loss, prepare_latents, sample_and_evaluate, stage
+from fmrisynth.pipeline import final_loss, prepare_latents, read_metrics, sample_and_evaluate, stage
+from fmrisynth.publish import staged_file
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
@@ -149,7 +150,7 @@ def run_arm(cfg: Config, name: str, latents: Path, store: Path, out: Path, fresh
     info = describe(cfg.model, latents)
     stage(f"train {name}", train, fresh, lambda d: train_diffusion(cfg, latents, d, resume=True), log)
     stage(f"sample+evaluate {name}", results, fresh, lambda d: sample_and_evaluate(cfg, train, store, d, log), log)
-    metrics = json.loads((results / "eval" / "metrics.json").read_text())
+    metrics = read_metrics(results)
     return {
         "arm": name, "backbone": cfg.model.backbone, "preset": cfg.model.preset, "variant": info["variant"],
         "params": info["params"], "gflops": info["gflops"],
@@ -171,7 +172,7 @@ def gaussian_row(cfg: Config, first: Path, store: Path, out: Path, fresh: bool, 
     results = out / "gaussian"
     stage("sample+evaluate gaussian", results, fresh,
            lambda d: sample_and_evaluate(cfg, first, store, d, log, kind="gaussian"), log)  # fmt: skip
-    metrics = json.loads((results / "eval" / "metrics.json").read_text())
+    metrics = read_metrics(results)
     return {"arm": "gaussian", "backbone": None, "params": 0, "steps": 0, "response": cfg.stage2.response,
             **result_row(metrics), **{k: metrics.get(k) for k in ("reference", "codec", "truth", "realism")},
             "eval_s": float((results / ".done").read_text())}  # fmt: skip
@@ -257,9 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"profile": name, "rows": rows, "minutes": (time.perf_counter() - t0) / 60, "machine": machine(),
               "config": to_dict(cfg)}  # fmt: skip
     path = args.json or Path(__file__).resolve().parent / "results" / f"compare_{name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    path.with_suffix(".tmp").replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(f"\ntable: {path}   ({result['minutes']:.0f} min)")
     return result
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from fmrisynth.config import load_config, packaged_config, to_dict
 from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
-from fmrisynth.pipeline import final_loss, sample_and_evaluate, stage
+from fmrisynth.pipeline import final_loss, read_metrics, sample_and_evaluate, stage
+from fmrisynth.publish import staged_file
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pure_curve.json"
 COLUMNS = ["steps", "loss_vs_gaussian", "map_corr_mean", "rsa", "top1_map", "top1_clip", "c2st_accuracy",
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
                 parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
             train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
             stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)
-        metrics = json.loads((results / "eval" / "metrics.json").read_text())
+        metrics = read_metrics(results)
         rows.append({"steps": n, **final_loss(run, upto=n), **result_row(metrics),
                      "reference": {k: metrics["reference"].get(k) for k in ("map_corr_mean", "rsa", "top1_map", "top1_clip")}})
         print(f"[pure] {n} steps: map r {metrics['map_corr_mean']:.3f}, top-1 {metrics['top1_map']:.3f}", flush=True)
@@ -77,9 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
         print("  ".join(f"{r[c]:>16.3f}" if isinstance(r[c], float) else f"{r[c]!s:>16}" for c in COLUMNS))
     result = {"preset": args.preset, "guidance": args.guidance, "rows": rows, "machine": platform.platform(),
               "config": to_dict(cfg)}  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.with_suffix(".tmp").write_text(json.dumps(result, indent=1))
-    args.json.with_suffix(".tmp").replace(args.json)
+    with staged_file(args.json) as tmp:
+        tmp.write_text(json.dumps(result, indent=1))
     print(f"table: {args.json}")
     return result
 

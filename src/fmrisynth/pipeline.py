@@ -152,16 +152,17 @@ def demo(cfg: Config, out: Path, minutes: float = 10.0, fresh: bool = False, log
     def evaluate_into(d: Path) -> None:
         sample_and_evaluate(cfg, out / "diffusion", out / "store", d / "gaussian", log, kind="gaussian")
         sample_and_evaluate(cfg, out / "diffusion", out / "store", d, log)
-        write_report(d / "eval", d / "report.html", peers={"gaussian": _metrics(d / "gaussian")})
+        write_report(d / "eval", d / "report.html", peers={"gaussian": read_metrics(d / "gaussian")})
 
     stage("sample+evaluate", results, fresh, evaluate_into, log)
-    metrics = _metrics(results)
-    log("\n" + metric_table(metrics, {"gaussian": _metrics(results / "gaussian")}))
+    metrics = read_metrics(results)
+    log("\n" + metric_table(metrics, {"gaussian": read_metrics(results / "gaussian")}))
     log(f"\nreport: {results / 'report.html'}   ({(time.perf_counter() - t0) / 60:.1f} min)")
     return metrics
 
 
-def _metrics(results: Path) -> dict:
+def read_metrics(results: Path) -> dict:
+    """metrics.json of a ``sample_and_evaluate`` output folder (``results/eval/``)."""
     return json.loads((results / "eval" / "metrics.json").read_text())
 
 
@@ -217,7 +218,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
         stage(f"sample+evaluate {preset}", run / "results", False,
                lambda d: sample_and_evaluate(run_cfg, run / "diffusion", store, d, log), log)  # fmt: skip
         rows.append({"preset": preset, "params": info["params"], "gflops": info["gflops"], "steps": steps, "train_s": train_s,
-                     **final_loss(run / "diffusion"), **result_row(_metrics(run / "results"))})  # fmt: skip
+                     **final_loss(run / "diffusion"), **result_row(read_metrics(run / "results"))})  # fmt: skip
         log(f"[scale] {preset}: {info['params'] / 1e6:.2f}M params, map r {rows[-1]['map_corr_mean']:.3f}, "
             f"C2ST {rows[-1]['c2st_accuracy']:.3f} ({time.perf_counter() - t0:.0f} s)")
     # the training-free peer: the Gaussian background model the first run fitted, sampled and evaluated alike
@@ -230,7 +231,7 @@ def scale(cfg: Config, sizes: list[str], budget: str, out: Path, log: Callable[[
             fits[key] = fit_scaling([r["params"] for r in rows], [_number(r.get(key)) for r in rows])
         except FmrisynthError:
             continue
-    result = {"budget": budget, "rows": rows, "gaussian": result_row(_metrics(out / "gaussian")), "fits": fits}
+    result = {"budget": budget, "rows": rows, "gaussian": result_row(read_metrics(out / "gaussian")), "fits": fits}
     with staged_file(out / "scaling.json") as tmp:
         tmp.write_text(json.dumps(result, indent=1))
     return result
