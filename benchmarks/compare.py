@@ -44,6 +44,7 @@ from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
 from fmrisynth.pipeline import final_loss, prepare_latents, read_metrics, sample_and_evaluate, stage
 from fmrisynth.publish import staged_file
+from fmrisynth.training.run_log import read_log
 
 ABLATIONS = ("all-cnn", "all-transformer", "adaln-only", "xattn-only")
 
@@ -114,7 +115,7 @@ def profile_config(name: str, overrides: list[str] = ()) -> Config:
 
 def step_seconds(run: Path, cfg: Config) -> float:
     """Median seconds per optimiser step over the logged windows (the first, warm-up window skipped)."""
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_log(run)
     clips_per_step = cfg.train.batch_size * cfg.train.grad_accum
     return statistics.median(clips_per_step / r["clips_per_s"] for r in rows[1:] or rows)
 

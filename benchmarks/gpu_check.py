@@ -139,6 +139,7 @@ def pure_training(overrides: list[str], work: Path, minutes: float | None, steps
     from fmrisynth.data.store import ClipStore
     from fmrisynth.pipeline import prepare_latents
     from fmrisynth.training.diffusion import train_diffusion
+    from fmrisynth.training.run_log import read_log
 
     limit = [f"train.max_minutes={minutes}"] if minutes else []
     cfg = load_config(overrides=[*overrides, "stage2.response=none", f"train.steps={steps}", "train.log_every=10",
@@ -151,8 +152,7 @@ def pure_training(overrides: list[str], work: Path, minutes: float | None, steps
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     train_diffusion(cfg, latents, out, progress=False)
-    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines() if line.strip()]
-    losses = [r for r in log if "loss" in r]
+    losses = [r for r in read_log(out) if "loss" in r]
     ref = losses[-1]["ref_loss_gaussian"]
     tail = [r["loss"] for r in losses[-max(1, len(losses) // 10):]]  # the last tenth of the logged steps
     return {"preset": cfg.model.preset, "response": cfg.stage2.response, "prior": cfg.stage2.prior,

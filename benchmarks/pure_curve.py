@@ -32,6 +32,7 @@ from fmrisynth.evaluate.summary import result_row
 from fmrisynth.generate.fit import encode_and_fit
 from fmrisynth.pipeline import final_loss, read_metrics, sample_and_evaluate, stage
 from fmrisynth.publish import staged_file
+from fmrisynth.training.run_log import read_log
 
 RESULTS = Path(__file__).resolve().parent / "results" / "pure_curve.json"
 COLUMNS = ["steps", "loss_vs_gaussian", "map_corr_mean", "rsa", "top1_map", "top1_clip", "c2st_accuracy",
@@ -64,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
     for n in steps:
         step_cfg, results = replace(cfg, train=replace(cfg.train, steps=n)), args.out / f"step_{n}"
         if not (results / ".done").exists():  # else this step was trained and evaluated by an earlier run
-            if (run / "train_log.jsonl").exists() and final_loss(run)["steps"] > n:  # it would sample a later model
+            if read_log(run) and final_loss(run)["steps"] > n:  # it would sample a later model
                 parser.error(f"{run} has trained past {n} steps; remove {args.out} or leave {n} out of --steps")
             train_diffusion(step_cfg, latents, run, resume=True)  # resumes from the newest checkpoint
             stage(f"sample+evaluate {n} steps", results, False, lambda d: sample_and_evaluate(step_cfg, run, store, d), print)

@@ -216,6 +216,7 @@ def main() -> None:
     from fmrisynth.config import load_config, to_dict
     from fmrisynth.generate.codec import load_vqgan
     from fmrisynth.training.vqgan import train_vae
+    from fmrisynth.training.run_log import read_log
 
     result: dict = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count()}}
     if args.train_minutes:
@@ -223,7 +224,7 @@ def main() -> None:
         t0 = time.perf_counter()
         train_vae(cfg, args.store, args.run, progress=False)
         result["train_wall_s"] = round(time.perf_counter() - t0, 1)
-    log = [json.loads(line) for line in (args.run / "train_log.jsonl").read_text().splitlines()]
+    log = read_log(args.run)
     model = load_vqgan(args.run)
     result["train"] = {"steps": log[-1]["step"], "first": log[0], "last": log[-1]}
     result["config"] = to_dict(load_checkpoint(args.run).config)["vae"]

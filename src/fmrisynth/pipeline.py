@@ -29,8 +29,9 @@ def final_loss(run: Path, share: float = 0.1, upto: int | None = None) -> dict:
     """The last logged step and the mean training loss over the last ``share`` of train_log.jsonl (of its
     rows up to step ``upto``), beside the loss an independent Gaussian of the same data scores
     (``ref_loss_gaussian``) and their ratio (< 1: ahead of it)."""
-    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines() if '"loss"' in line]
-    rows = [r for r in rows if upto is None or r["step"] <= upto]
+    from fmrisynth.training.run_log import read_log
+
+    rows = [r for r in read_log(run) if "loss" in r and (upto is None or r["step"] <= upto)]
     tail = rows[-max(1, round(share * len(rows))):]
     loss = sum(r["loss"] for r in tail) / len(tail)
     ref = tail[-1].get("ref_loss_gaussian")

@@ -17,8 +17,15 @@ from pathlib import Path
 import torch
 
 from fmrisynth.distributed import mean_over_ranks
+from fmrisynth.publish import staged_file
 
 LOG = "train_log.jsonl"
+
+
+def read_log(out: Path) -> list[dict]:
+    """The rows of ``out``'s train_log.jsonl, in order ([] before the first row is written)."""
+    log = Path(out) / LOG
+    return [json.loads(line) for line in log.read_text().splitlines() if line.strip()] if log.is_file() else []
 
 
 def truncate_log(out: Path, step: int) -> None:
@@ -32,9 +39,8 @@ def truncate_log(out: Path, step: int) -> None:
         with contextlib.suppress(ValueError, KeyError, TypeError):
             if json.loads(line)["step"] <= step:
                 keep.append(line + "\n")
-    tmp = log.with_name(LOG + ".tmp")
-    tmp.write_text("".join(keep))
-    tmp.replace(log)
+    with staged_file(log) as tmp:
+        tmp.write_text("".join(keep))
 
 
 class TrainLog:
