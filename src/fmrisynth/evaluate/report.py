@@ -20,6 +20,7 @@ import base64
 import html
 import io
 import json
+import math
 import zipfile
 from pathlib import Path
 
@@ -291,10 +292,11 @@ def _scaling(scaling_dir: Path) -> str:
     gaussian = (data.get("gaussian") if isinstance(data, dict) else None) or {}
     figures = [(k, label) for k, label in HEADLINE + REALISM_ROW if any(r.get(k) is not None for r in rows)]
     cols = min(len(figures), 6) or 1
-    fig = Figure(figsize=(3.2 * cols, 3.0 * -(-len(figures) // cols)), layout="constrained")
+    lines = max(1, math.ceil(len(figures) / cols))  # rows of panels
+    fig = Figure(figsize=(3.2 * cols, 3.0 * lines), layout="constrained")
     grid = np.geomspace(params.min(), params.max() * 4, 50)
     for k, (key, label) in enumerate(figures):
-        ax = fig.add_subplot(-(-len(figures) // cols), cols, k + 1)
+        ax = fig.add_subplot(lines, cols, k + 1)
         values = np.array([np.nan if r.get(key) is None else r[key] for r in rows], dtype=float)
         ax.plot(params, values, "ko")
         for law, style in (("loglinear", "C0-"), ("powerlaw", "C1--")):
